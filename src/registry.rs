@@ -1,0 +1,142 @@
+//! The one model registry shared by every transport: model name → provider.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures_util::{StreamExt, stream};
+use poem_openapi::{Enum, Object};
+
+use crate::{
+    config::{Config, ModelSpec, ProviderSpec},
+    error::{Error, Result},
+    provider::{
+        Chunk, ChunkStream, Completion, Provider,
+        bedrock::{BedrockProvider, ClientPool},
+    },
+    request::{GenerateRequest, ValidRequest},
+};
+
+pub struct Registry {
+    models: Vec<Arc<Model>>,
+    by_name: HashMap<String, usize>,
+}
+
+pub struct Model {
+    pub spec: ModelSpec,
+    provider: Box<dyn Provider>,
+}
+
+/// A model as `GET /models` lists it.
+#[derive(Debug, Clone, Object)]
+pub struct ModelInfo {
+    /// The name clients use.
+    pub name: String,
+    pub provider: String,
+    pub model_id: String,
+    /// Native body format: `llama3` or `anthropic`.
+    pub format: String,
+    pub state: ModelState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum ModelState {
+    /// Requests are served.
+    Ready,
+}
+
+impl Registry {
+    /// Builds every provider; the SDK clients are made here, once.
+    pub async fn build(config: &Config) -> Registry {
+        let mut clients = ClientPool::load().await;
+        let mut models = Vec::with_capacity(config.models.len());
+        for spec in &config.models {
+            let provider: Box<dyn Provider> = match &spec.provider {
+                ProviderSpec::Bedrock(bedrock) => Box::new(BedrockProvider::new(
+                    spec.name.clone(),
+                    bedrock.clone(),
+                    clients.client(bedrock.region.as_deref(), bedrock.endpoint_url.as_deref()),
+                )),
+            };
+            models.push(Arc::new(Model {
+                spec: spec.clone(),
+                provider,
+            }));
+        }
+        tracing::debug!(clients = clients.len(), "Bedrock clients built");
+        let by_name = models
+            .iter()
+            .enumerate()
+            .map(|(index, model)| (model.spec.name.clone(), index))
+            .collect();
+        Registry { models, by_name }
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Arc<Model>> {
+        self.by_name
+            .get(name)
+            .map(|&index| &self.models[index])
+            .ok_or_else(|| Error::UnknownModel(name.to_owned()))
+    }
+
+    /// Looks the model up and validates the request against its limits.
+    pub fn prepare(&self, request: GenerateRequest) -> Result<(Arc<Model>, ValidRequest)> {
+        let name = request.model.as_deref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "`model` is required: name one of the models GET /models lists".into(),
+            )
+        })?;
+        let model = self.get(name)?.clone();
+        let valid = request.validate(&model.spec.limits)?;
+        Ok((model, valid))
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
+        self.models.iter()
+    }
+}
+
+impl Model {
+    pub fn info(&self) -> ModelInfo {
+        let ProviderSpec::Bedrock(bedrock) = &self.spec.provider;
+        ModelInfo {
+            name: self.spec.name.clone(),
+            provider: "bedrock".into(),
+            model_id: bedrock.model_id.clone(),
+            format: bedrock.format.as_str().into(),
+            state: ModelState::Ready,
+        }
+    }
+
+    pub async fn complete(&self, request: ValidRequest) -> Result<Completion> {
+        self.provider.complete(request).await
+    }
+
+    /// Starts a generation and waits for its first piece, so that a failure before the
+    /// answer begins is an `Err` here (a real HTTP status) rather than an error inside a
+    /// stream that already answered 200. The stream returned ends right after its `Done`
+    /// or its first error, and an upstream that ends early becomes an error.
+    pub async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
+        let mut chunks = self.provider.stream(request).await?;
+        let first = match chunks.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(err)) => return Err(err),
+            None => return Err(ended_early()),
+        };
+        let mut chunks = stream::iter([Ok(first)]).chain(chunks);
+        Ok(async_stream::stream! {
+            while let Some(item) = chunks.next().await {
+                let last = !matches!(item, Ok(Chunk::Text(_)));
+                yield item;
+                if last {
+                    return;
+                }
+            }
+            yield Err(ended_early());
+        }
+        .boxed())
+    }
+}
+
+fn ended_early() -> Error {
+    Error::Upstream("the model's answer ended before it was complete".into())
+}

@@ -1,0 +1,253 @@
+//! What a client asks for, and its validation into a [`ValidRequest`] that providers can
+//! trust. Every transport builds a [`GenerateRequest`] and goes through [`GenerateRequest::validate`].
+
+use poem_openapi::{Enum, Object};
+
+use crate::error::{Error, Result};
+
+/// Most stop sequences one request may give.
+const MAX_STOP_SEQUENCES: usize = 8;
+
+/// A generation request: one `prompt`, or a conversation in `messages`.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// Name of a model in the registry (`GET /models`). Required, except in WebSocket JSON
+    /// frames, where it defaults to the model named in the URL.
+    pub model: Option<String>,
+    /// A single user message. Give either `prompt` or `messages`.
+    pub prompt: Option<String>,
+    /// The conversation so far, oldest first, starting with `user` and alternating.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// System prompt.
+    pub system: Option<String>,
+    /// Most tokens to generate (1 up to the model's `max_tokens_limit`; default: the model's `max_tokens`).
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature, 0 to 1.
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass, 0 to 1.
+    pub top_p: Option<f64>,
+    /// Sequences that end the answer when the model writes them (at most 8).
+    pub stop: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Object)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+/// A model's limits and defaults that a request is checked against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub default_max_tokens: u32,
+    pub max_tokens_limit: u32,
+    pub default_temperature: Option<f64>,
+}
+
+/// A request that passed validation: at least one message, roles alternating from `user`,
+/// parameters in range, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub system: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: u32,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub stop: Vec<String>,
+}
+
+impl GenerateRequest {
+    /// A single-prompt request, as the WebSocket text mode and `GET /stream` send.
+    pub fn prompt(model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self {
+            model: Some(model.into()),
+            prompt: Some(prompt.into()),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(self, limits: &Limits) -> Result<ValidRequest> {
+        let invalid = |message: String| Err(Error::InvalidRequest(message));
+        let messages = match (self.prompt, self.messages) {
+            (Some(_), Some(_)) => {
+                return invalid("give either `prompt` or `messages`, not both".into());
+            }
+            (None, None) => return invalid("one of `prompt` or `messages` is required".into()),
+            (Some(prompt), None) => {
+                if prompt.trim().is_empty() {
+                    return invalid("`prompt` is empty".into());
+                }
+                vec![ChatMessage {
+                    role: Role::User,
+                    content: prompt,
+                }]
+            }
+            (None, Some(messages)) => {
+                check_conversation(&messages)?;
+                messages
+            }
+        };
+        let max_tokens = self.max_tokens.unwrap_or(limits.default_max_tokens);
+        if max_tokens == 0 || max_tokens > limits.max_tokens_limit {
+            return invalid(format!(
+                "`max_tokens` must be between 1 and {} for this model, got {max_tokens}",
+                limits.max_tokens_limit
+            ));
+        }
+        for (name, value) in [("temperature", self.temperature), ("top_p", self.top_p)] {
+            if let Some(value) = value
+                && !(0.0..=1.0).contains(&value)
+            {
+                return invalid(format!("`{name}` must be between 0 and 1, got {value}"));
+            }
+        }
+        let stop = self.stop.unwrap_or_default();
+        if stop.len() > MAX_STOP_SEQUENCES {
+            return invalid(format!(
+                "`stop` holds {} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                stop.len()
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return invalid("`stop` sequences must not be empty".into());
+        }
+        Ok(ValidRequest {
+            system: self.system.filter(|system| !system.is_empty()),
+            messages,
+            max_tokens,
+            temperature: self.temperature.or(limits.default_temperature),
+            top_p: self.top_p,
+            stop,
+        })
+    }
+}
+
+fn check_conversation(messages: &[ChatMessage]) -> Result<()> {
+    let Some(first) = messages.first() else {
+        return Err(Error::InvalidRequest("`messages` is empty".into()));
+    };
+    if first.role != Role::User {
+        return Err(Error::InvalidRequest(
+            "`messages` must start with a `user` message".into(),
+        ));
+    }
+    for (index, pair) in messages.windows(2).enumerate() {
+        if pair[0].role == pair[1].role {
+            return Err(Error::InvalidRequest(format!(
+                "`messages[{}]` has role `{}` like the message before it; roles must alternate between `user` and `assistant`",
+                index + 1,
+                pair[1].role.as_str()
+            )));
+        }
+    }
+    if let Some(index) = messages.iter().position(|m| m.content.trim().is_empty()) {
+        return Err(Error::InvalidRequest(format!(
+            "`messages[{index}].content` is empty"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        default_max_tokens: 512,
+        max_tokens_limit: 2048,
+        default_temperature: Some(0.5),
+    };
+
+    fn message(role: Role, content: &str) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
+    }
+
+    fn error_of(request: GenerateRequest) -> String {
+        request.validate(&LIMITS).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_prompt_becomes_one_user_message_with_the_model_defaults() {
+        let valid = GenerateRequest::prompt("m", "Hi")
+            .validate(&LIMITS)
+            .unwrap();
+        assert_eq!(valid.messages, vec![message(Role::User, "Hi")]);
+        assert_eq!(valid.max_tokens, 512);
+        assert_eq!(valid.temperature, Some(0.5));
+    }
+
+    #[test]
+    fn prompt_and_messages_are_exclusive_and_one_is_required() {
+        let both = GenerateRequest {
+            messages: Some(vec![message(Role::User, "a")]),
+            ..GenerateRequest::prompt("m", "b")
+        };
+        assert!(error_of(both).contains("not both"));
+        let neither = GenerateRequest {
+            model: Some("m".into()),
+            ..Default::default()
+        };
+        assert!(error_of(neither).contains("required"));
+    }
+
+    #[test]
+    fn conversations_must_start_with_user_and_alternate() {
+        let starts_with_assistant = GenerateRequest {
+            model: Some("m".into()),
+            messages: Some(vec![message(Role::Assistant, "a")]),
+            ..Default::default()
+        };
+        assert!(error_of(starts_with_assistant).contains("start with a `user`"));
+        let repeated = GenerateRequest {
+            model: Some("m".into()),
+            messages: Some(vec![message(Role::User, "a"), message(Role::User, "b")]),
+            ..Default::default()
+        };
+        assert!(error_of(repeated).contains("messages[1]"));
+        let empty = GenerateRequest {
+            model: Some("m".into()),
+            messages: Some(vec![]),
+            ..Default::default()
+        };
+        assert!(error_of(empty).contains("empty"));
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_refused_with_the_limit() {
+        let too_many = GenerateRequest {
+            max_tokens: Some(4096),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(error_of(too_many).contains("between 1 and 2048"));
+        let hot = GenerateRequest {
+            temperature: Some(1.5),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(error_of(hot).contains("`temperature`"));
+        let top_p = GenerateRequest {
+            top_p: Some(-0.1),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(error_of(top_p).contains("`top_p`"));
+    }
+}

@@ -1,0 +1,324 @@
+//! `/ws/model`: the tutorial-compatible text mode (each text message is a prompt) and the
+//! JSON mode for chat front ends (subprotocol `modelgate.v1` or `format=json`).
+
+use std::{collections::VecDeque, sync::Arc};
+
+use futures_util::{SinkExt, StreamExt};
+use poem::{
+    IntoResponse, Request, handler,
+    web::{
+        Data, Query,
+        websocket::{Message, WebSocket, WebSocketStream},
+    },
+};
+use poem_openapi::types::{ParseFromJSON, ToJSON};
+use serde::Deserialize;
+
+use super::{AppState, events::StreamEvent};
+use crate::{
+    error::{Error, Result},
+    provider::{Chunk, ChunkStream},
+    registry::Registry,
+    request::GenerateRequest,
+};
+
+pub const JSON_SUBPROTOCOL: &str = "modelgate.v1";
+/// Prompts a client may send ahead while one is being answered; more is refused.
+const MAX_QUEUED_PROMPTS: usize = 16;
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    model: Option<String>,
+    streaming: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Plain text in and out; the reply mirrors the prompt's frame type.
+    Text,
+    /// JSON request objects in, JSON `StreamEvent` frames out.
+    Json,
+}
+
+#[handler]
+pub async fn ws_model(
+    request: &Request,
+    ws: WebSocket,
+    Query(params): Query<WsParams>,
+    Data(state): Data<&Arc<AppState>>,
+) -> Result<impl IntoResponse> {
+    let origin = request
+        .headers()
+        .get("origin")
+        .and_then(|v| v.to_str().ok());
+    let host = request.headers().get("host").and_then(|v| v.to_str().ok());
+    state.origins.check(origin, host)?;
+    let model = params.model.ok_or_else(|| {
+        Error::InvalidRequest(
+            "the `model` query parameter is required, e.g. /ws/model?model=llama3".into(),
+        )
+    })?;
+    state.registry.get(&model)?;
+    let offered_json = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|protocol| protocol.trim() == JSON_SUBPROTOCOL);
+    let mode = match params.format.as_deref() {
+        None | Some("text") if !offered_json => Mode::Text,
+        None | Some("json") | Some("text") => Mode::Json,
+        Some(other) => {
+            return Err(Error::InvalidRequest(format!(
+                "`format` must be `text` or `json`, got `{other}`"
+            )));
+        }
+    };
+    // The JSON mode streams unless told not to; the tutorial's text mode sends one message
+    // per answer unless told to stream.
+    let streaming = match params.streaming.as_deref() {
+        None => mode == Mode::Json,
+        Some("1" | "true" | "yes") => true,
+        Some("0" | "false" | "no") => false,
+        Some(other) => {
+            return Err(Error::InvalidRequest(format!(
+                "`streaming` must be 1, true, yes, 0, false or no, got `{other}`"
+            )));
+        }
+    };
+    let registry = state.registry.clone();
+    Ok(ws
+        .protocols(vec![JSON_SUBPROTOCOL])
+        .on_upgrade(move |socket| async move {
+            Session {
+                registry,
+                model,
+                mode,
+                streaming,
+            }
+            .run(socket)
+            .await
+        }))
+}
+
+struct Session {
+    registry: Arc<Registry>,
+    /// The model named in the URL; JSON requests may name another.
+    model: String,
+    mode: Mode,
+    streaming: bool,
+}
+
+/// How the current prompt's reply is framed.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    Text,
+    Binary,
+    Json,
+}
+
+/// What a client's message asks for.
+enum Incoming {
+    Prompt(GenerateRequest, Framing),
+    Invalid(Error, Framing),
+    Cancel,
+    Ignore,
+    Closed,
+}
+
+enum Forwarded {
+    Finished,
+    ClientGone,
+}
+
+impl Session {
+    async fn run(self, socket: WebSocketStream) {
+        let (mut sink, mut incoming) = socket.split();
+        let mut queued: VecDeque<Incoming> = VecDeque::new();
+        loop {
+            let next = match queued.pop_front() {
+                Some(next) => next,
+                None => match incoming.next().await {
+                    Some(Ok(message)) => self.interpret(message),
+                    _ => return,
+                },
+            };
+            let outcome = match next {
+                Incoming::Prompt(request, framing) => {
+                    let span = tracing::info_span!(
+                        "ws_prompt",
+                        request_id = %uuid::Uuid::new_v4(),
+                        model = request.model.as_deref().unwrap_or_default()
+                    );
+                    let started = tracing::Instrument::instrument(self.start(request), span).await;
+                    match started {
+                        Ok(chunks) => {
+                            self.forward(chunks, framing, &mut sink, &mut incoming, &mut queued)
+                                .await
+                        }
+                        Err(err) => send(&mut sink, StreamEvent::from(&err), framing).await,
+                    }
+                }
+                Incoming::Invalid(err, framing) => {
+                    send(&mut sink, StreamEvent::from(&err), framing).await
+                }
+                Incoming::Cancel | Incoming::Ignore => Forwarded::Finished,
+                Incoming::Closed => Forwarded::ClientGone,
+            };
+            if let Forwarded::ClientGone = outcome {
+                return;
+            }
+        }
+    }
+
+    async fn start(&self, request: GenerateRequest) -> Result<ChunkStream> {
+        let (model, request) = self.registry.prepare(request)?;
+        let chunks = model.stream(request).await;
+        if let Err(err) = &chunks {
+            tracing::info!(code = err.code(), "prompt refused: {err}");
+        }
+        chunks
+    }
+
+    fn interpret(&self, message: Message) -> Incoming {
+        let (text, framing) = match message {
+            Message::Text(text) => (text, Framing::Text),
+            Message::Binary(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => (text, Framing::Binary),
+                Err(_) => {
+                    let err = Error::InvalidRequest("binary messages must hold UTF-8 text".into());
+                    return Incoming::Invalid(err, self.reply_framing(Framing::Binary));
+                }
+            },
+            Message::Close(_) => return Incoming::Closed,
+            Message::Ping(_) | Message::Pong(_) => return Incoming::Ignore,
+        };
+        match self.mode {
+            Mode::Text => Incoming::Prompt(GenerateRequest::prompt(&self.model, text), framing),
+            Mode::Json => match self.parse_json_frame(&text) {
+                Ok(Some(request)) => Incoming::Prompt(request, Framing::Json),
+                Ok(None) => Incoming::Cancel,
+                Err(err) => Incoming::Invalid(err, Framing::Json),
+            },
+        }
+    }
+
+    fn reply_framing(&self, prompt: Framing) -> Framing {
+        match self.mode {
+            Mode::Text => prompt,
+            Mode::Json => Framing::Json,
+        }
+    }
+
+    /// A request object, or `None` for `{"type": "cancel"}`.
+    fn parse_json_frame(&self, text: &str) -> Result<Option<GenerateRequest>> {
+        let invalid = Error::InvalidRequest;
+        let mut value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|err| invalid(format!("the message is not JSON: {err}")))?;
+        let object = value
+            .as_object_mut()
+            .ok_or_else(|| invalid("the message must be a JSON object".into()))?;
+        match object.remove("type") {
+            None => {}
+            Some(serde_json::Value::String(kind)) if kind == "cancel" => return Ok(None),
+            Some(serde_json::Value::String(kind)) if kind == "generate" => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "unknown message type {other}: send a request object or {{\"type\":\"cancel\"}}"
+                )));
+            }
+        }
+        let mut request = GenerateRequest::parse_from_json(Some(value))
+            .map_err(|err| invalid(err.into_message()))?;
+        request.model.get_or_insert_with(|| self.model.clone());
+        Ok(Some(request))
+    }
+
+    /// Sends one answer while watching the socket: a close ends everything (and drops the
+    /// upstream call), a cancel ends this answer, further prompts wait their turn.
+    async fn forward(
+        &self,
+        mut chunks: ChunkStream,
+        framing: Framing,
+        sink: &mut Sink,
+        incoming: &mut Incomings,
+        queued: &mut VecDeque<Incoming>,
+    ) -> Forwarded {
+        let mut whole = String::new();
+        loop {
+            tokio::select! {
+                item = chunks.next() => {
+                    let Some(item) = item else { return Forwarded::Finished };
+                    let sent = match item {
+                        Ok(Chunk::Text(text)) if !self.streaming => {
+                            whole.push_str(&text);
+                            continue;
+                        }
+                        Ok(Chunk::Done(finish)) if !self.streaming => {
+                            let piece = StreamEvent::from(Ok(Chunk::Text(std::mem::take(&mut whole))));
+                            match send(sink, piece, framing).await {
+                                Forwarded::Finished => send(sink, StreamEvent::from(Ok(Chunk::Done(finish))), framing).await,
+                                gone => gone,
+                            }
+                        }
+                        item => {
+                            let last = !matches!(item, Ok(Chunk::Text(_)));
+                            match send(sink, StreamEvent::from(item), framing).await {
+                                Forwarded::Finished if !last => continue,
+                                outcome => outcome,
+                            }
+                        }
+                    };
+                    return sent;
+                }
+                message = incoming.next() => {
+                    let Some(Ok(message)) = message else { return Forwarded::ClientGone };
+                    match self.interpret(message) {
+                        Incoming::Cancel => return send(sink, StreamEvent::cancelled(), framing).await,
+                        Incoming::Closed => return Forwarded::ClientGone,
+                        Incoming::Ignore => {}
+                        next if queued.len() >= MAX_QUEUED_PROMPTS => {
+                            let err = Error::Throttled(format!(
+                                "more than {MAX_QUEUED_PROMPTS} prompts are waiting on this connection; wait for the answers"
+                            ));
+                            let framing = match next {
+                                Incoming::Prompt(_, framing) | Incoming::Invalid(_, framing) => framing,
+                                _ => framing,
+                            };
+                            if let Forwarded::ClientGone = send(sink, StreamEvent::from(&err), framing).await {
+                                return Forwarded::ClientGone;
+                            }
+                        }
+                        next => queued.push_back(next),
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocketStream, Message>;
+type Incomings = futures_util::stream::SplitStream<WebSocketStream>;
+
+/// Sends one event in the connection's framing. The tutorial's text mode has no end marker
+/// (`done` sends nothing) and reports errors as a message beginning `error: `.
+async fn send(sink: &mut Sink, event: StreamEvent, framing: Framing) -> Forwarded {
+    let message = match (framing, event) {
+        (Framing::Json, event) => Message::Text(event.to_json_string()),
+        (_, StreamEvent::Done(_)) => return Forwarded::Finished,
+        (Framing::Text, StreamEvent::Chunk(piece)) => Message::Text(piece.text),
+        (Framing::Binary, StreamEvent::Chunk(piece)) => Message::Binary(piece.text.into_bytes()),
+        (Framing::Text, StreamEvent::Error(body)) => {
+            Message::Text(format!("error: {}", body.error.message))
+        }
+        (Framing::Binary, StreamEvent::Error(body)) => {
+            Message::Binary(format!("error: {}", body.error.message).into_bytes())
+        }
+    };
+    match sink.send(message).await {
+        Ok(()) => Forwarded::Finished,
+        Err(_) => Forwarded::ClientGone,
+    }
+}

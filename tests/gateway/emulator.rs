@@ -1,0 +1,1182 @@
+//! In-process emulator of the AWS Bedrock Runtime `InvokeModel` and
+//! `InvokeModelWithResponseStream` operations, good enough to drive the real
+//! `aws-sdk-bedrockruntime` client through every path the service can take:
+//! JSON replies, paced event streams, HTTP errors, modeled exception frames,
+//! unmodeled error frames and dropped connections.
+//!
+//! See /work/shared/BEDROCK.md for the wire facts reproduced here.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use aws_smithy_eventstream::frame::write_message_to;
+use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
+use base64::Engine as _;
+use poem::http::StatusCode;
+use poem::http::uri::Scheme;
+use poem::listener::{Acceptor, TcpAcceptor};
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Body, Request, Response, Server};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+// ---------------------------------------------------------------------------
+// Public API
+// ---------------------------------------------------------------------------
+
+/// A running emulator. The server task is aborted when this is dropped
+/// (connections already accepted keep being served until they finish).
+pub struct Emulator {
+    state: Shared,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One request as the emulator received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// URL-decoded model id (e.g. `meta.llama3-70b-instruct-v1:0`, or an ARN).
+    pub model_id: String,
+    pub operation: Operation,
+    /// The JSON body the client sent. `Value::Null` for an empty body; a
+    /// `Value::String` holding the raw text when the body is not JSON.
+    pub body: Value,
+    /// Raw `Authorization` header.
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Invoke,
+    InvokeStream,
+}
+
+/// How a response stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The emulator handed its final frame (or, for `DropAfter`, the
+    /// connection-dropping error) to the HTTP server.
+    Completed,
+    /// The body stream was dropped (client gone) before that; `after_chunks`
+    /// counts the `chunk` event frames handed to the HTTP server so far.
+    ClientClosed { after_chunks: usize },
+}
+
+#[derive(Clone, Debug)]
+pub enum Scenario {
+    /// Answer with these text pieces. Invoke: one JSON body with the pieces
+    /// joined. Stream: one chunk event per piece, `pace` apart (first one
+    /// immediately).
+    Reply {
+        pieces: Vec<String>,
+        pace: Duration,
+        stop: NativeStop,
+        input_tokens: u32,
+    },
+    /// Reject before any stream: HTTP `status`, header
+    /// `x-amzn-ErrorType: <error_type>:http://internal.amazon.com/coral/com.amazon.bedrock/`,
+    /// body `{"message": message}`. Applies to both operations.
+    HttpError {
+        status: u16,
+        error_type: String,
+        message: String,
+    },
+    /// Stream: the pieces as chunks (20 ms apart), then a `:message-type
+    /// exception` frame, then the body ends cleanly. Invoke: answers like
+    /// `Reply` with the pieces.
+    ExceptionAfter {
+        pieces: Vec<String>,
+        exception_type: String,
+        message: String,
+    },
+    /// Stream: the pieces, then an unmodeled `:message-type error` frame with
+    /// `:error-code` / `:error-message` headers. Invoke: answers like `Reply`.
+    ErrorFrameAfter {
+        pieces: Vec<String>,
+        code: String,
+        message: String,
+    },
+    /// Stream: the pieces, then the connection is aborted (the body ends with
+    /// an I/O error, so the chunked response is never terminated). Invoke: a
+    /// 200 whose JSON body is cut in the middle the same way.
+    DropAfter { pieces: Vec<String> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NativeStop {
+    EndTurn,
+    MaxTokens,
+    StopSequence,
+}
+
+impl Scenario {
+    /// Reply with these pieces, 20 ms apart, `NativeStop::EndTurn`, input_tokens 7.
+    pub fn reply(pieces: &[&str]) -> Scenario {
+        Scenario::Reply {
+            pieces: pieces.iter().map(|p| p.to_string()).collect(),
+            pace: DEFAULT_PACE,
+            stop: NativeStop::EndTurn,
+            input_tokens: DEFAULT_INPUT_TOKENS,
+        }
+    }
+}
+
+impl Emulator {
+    /// Binds 127.0.0.1:0, serves in a tokio task, returns at once.
+    pub async fn start() -> Emulator {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("emulator: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("emulator: local_addr");
+        let state: Shared = Arc::new(Mutex::new(State::default()));
+        let acceptor = KillableAcceptor {
+            inner: TcpAcceptor::from_tokio(listener).expect("emulator: acceptor"),
+            state: state.clone(),
+        };
+        let st = state.clone();
+        let endpoint = poem::endpoint::make(move |req: Request| {
+            let st = st.clone();
+            async move { handle(st, req).await }
+        });
+        let task = tokio::spawn(async move {
+            let _ = Server::new_with_acceptor(acceptor).run(endpoint).await;
+        });
+        Emulator { state, addr, task }
+    }
+
+    /// `"http://127.0.0.1:PORT"`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sets the behaviour for every later request to this model id (both
+    /// operations) until changed. Model ids with no scenario get
+    /// `Scenario::reply(&["Hello", ", ", "world", "!"])`.
+    pub fn script(&self, model_id: &str, scenario: Scenario) {
+        lock(&self.state)
+            .scenarios
+            .insert(model_id.to_string(), scenario);
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        lock(&self.state).requests.clone()
+    }
+
+    /// Waits until at least `n` response streams have finished, then returns
+    /// how every stream that has finished so far ended, in the order they
+    /// ended (so the result has `n` or more elements). Panics after `timeout`.
+    pub async fn wait_streams_ended(&self, n: usize, timeout: Duration) -> Vec<StreamEnd> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let st = lock(&self.state);
+                if st.ended.len() >= n {
+                    return st.ended.clone();
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "emulator: waited {timeout:?} for {n} ended streams; ended so far: {:?}, still open: {}",
+                        st.ended, st.open
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Number of response streams currently being written (started, not yet ended).
+    pub fn open_streams(&self) -> usize {
+        lock(&self.state).open
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------
+
+const DEFAULT_PACE: Duration = Duration::from_millis(20);
+const DEFAULT_INPUT_TOKENS: u32 = 7;
+const ERROR_TYPE_SUFFIX: &str = ":http://internal.amazon.com/coral/com.amazon.bedrock/";
+const ANTHROPIC_VERSION: &str = "bedrock-2023-05-31";
+const ANTHROPIC_MODEL: &str = "claude-3-haiku-20240307";
+
+type Shared = Arc<Mutex<State>>;
+
+#[derive(Default)]
+struct State {
+    scenarios: HashMap<String, Scenario>,
+    requests: Vec<Recorded>,
+    ended: Vec<StreamEnd>,
+    open: usize,
+    /// Kill switch of every open connection, by the client's address.
+    connections: HashMap<SocketAddr, Arc<AtomicBool>>,
+}
+
+fn lock(state: &Shared) -> MutexGuard<'_, State> {
+    // Never let a panic elsewhere (e.g. a failed assertion while holding the
+    // lock) poison the emulator.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn default_scenario() -> Scenario {
+    Scenario::reply(&["Hello", ", ", "world", "!"])
+}
+
+// ---------------------------------------------------------------------------
+// Request handling
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Llama,
+    Anthropic,
+}
+
+async fn handle(st: Shared, mut req: Request) -> Response {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let route = if req.method() == poem::http::Method::POST {
+        parse_path(&path)
+    } else {
+        None
+    };
+    let Some((raw_id, operation)) = route else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "UnknownOperationException",
+            "UnknownOperationException",
+        );
+    };
+    let model_id = percent_decode(raw_id);
+
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let authorization = header("authorization");
+    let content_type = header("content-type");
+    let has_amz_date = req.headers().contains_key("x-amz-date");
+
+    let raw_body = match req.take_body().into_vec().await {
+        Ok(b) => b,
+        Err(e) => {
+            return validation_error(&format!("could not read the request body: {e}"));
+        }
+    };
+    let body = if raw_body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice::<Value>(&raw_body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw_body).into_owned()))
+    };
+    lock(&st).requests.push(Recorded {
+        model_id: model_id.clone(),
+        operation,
+        body: body.clone(),
+        authorization: authorization.clone(),
+        content_type,
+    });
+
+    // SigV4 presence check (the signature itself is not verified).
+    let signed = authorization.as_deref().is_some_and(|a| {
+        a.starts_with("AWS4-HMAC-SHA256 Credential=") && a.contains("/bedrock/aws4_request")
+    }) && has_amz_date;
+    if !signed {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "MissingAuthenticationTokenException",
+            "Missing Authentication Token",
+        );
+    }
+
+    let family = if model_id.contains("meta.llama") {
+        Family::Llama
+    } else if model_id.contains("anthropic.") {
+        Family::Anthropic
+    } else {
+        return bedrock_error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            "The provided model identifier is invalid.",
+        );
+    };
+
+    if let Err(detail) = validate(family, &raw_body, &body) {
+        return validation_error(&format!(
+            "Malformed input request: {detail}, please reformat your input and try again."
+        ));
+    }
+
+    let stop_sequence = body
+        .get("stop_sequences")
+        .and_then(|s| s.get(0))
+        .and_then(|s| s.as_str())
+        .map(str::to_string);
+
+    let scenario = lock(&st)
+        .scenarios
+        .get(&model_id)
+        .cloned()
+        .unwrap_or_else(default_scenario);
+
+    let kill = req
+        .remote_addr()
+        .0
+        .as_socket_addr()
+        .and_then(|a| lock(&st).connections.get(a).cloned());
+    let ctx = Ctx {
+        family,
+        stop_sequence,
+        started,
+        kill,
+    };
+
+    if let Scenario::HttpError {
+        status,
+        error_type,
+        message,
+    } = &scenario
+    {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return bedrock_error(status, error_type, message);
+    }
+
+    match operation {
+        Operation::Invoke => invoke_response(&ctx, &scenario),
+        Operation::InvokeStream => stream_response(st, ctx, &scenario),
+    }
+}
+
+/// `/model/{id}/invoke` or `/model/{id}/invoke-with-response-stream`, matched
+/// on the raw path so that ids with `%2F` (or even a literal `/`) route.
+fn parse_path(path: &str) -> Option<(&str, Operation)> {
+    let rest = path.strip_prefix("/model/")?;
+    let (id, op) = if let Some(id) = rest.strip_suffix("/invoke-with-response-stream") {
+        (id, Operation::InvokeStream)
+    } else if let Some(id) = rest.strip_suffix("/invoke") {
+        (id, Operation::Invoke)
+    } else {
+        return None;
+    };
+    if id.is_empty() { None } else { Some((id, op)) }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Validation (Bedrock-style JSON-schema messages)
+// ---------------------------------------------------------------------------
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "Null",
+        Value::Bool(_) => "Boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "Integer",
+        Value::Number(_) => "BigDecimal",
+        Value::String(_) => "String",
+        Value::Array(_) => "JSONArray",
+        Value::Object(_) => "JSONObject",
+    }
+}
+
+fn check_number(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    min: f64,
+    max: f64,
+) -> Result<(), String> {
+    match obj.get(key) {
+        None => Ok(()),
+        Some(v) => {
+            let Some(x) = v.as_f64() else {
+                return Err(format!(
+                    "#/{key}: expected type: Number, found: {}",
+                    json_type(v)
+                ));
+            };
+            if x < min {
+                Err(format!("#/{key}: {v} is not greater or equal to {min}"))
+            } else if x > max {
+                Err(format!("#/{key}: {v} is not less or equal to {max}"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn check_integer(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    min: i64,
+    max: Option<i64>,
+) -> Result<(), String> {
+    match obj.get(key) {
+        None => Ok(()),
+        Some(v) => {
+            let Some(x) = v.as_i64() else {
+                return Err(format!(
+                    "#/{key}: expected type: Integer, found: {}",
+                    json_type(v)
+                ));
+            };
+            if x < min {
+                Err(format!("#/{key}: {x} is not greater or equal to {min}"))
+            } else if let Some(max) = max.filter(|m| x > *m) {
+                Err(format!("#/{key}: {x} is not less or equal to {max}"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn validate(family: Family, raw: &[u8], body: &Value) -> Result<(), String> {
+    let obj = match body {
+        Value::Object(obj) => obj,
+        Value::String(_) if serde_json::from_slice::<Value>(raw).is_err() => {
+            return Err("Unexpected token in the request body, expected a JSON object".into());
+        }
+        Value::Null if raw.is_empty() => {
+            return Err("#: expected type: JSONObject, found: empty body".into());
+        }
+        other => {
+            return Err(format!(
+                "#: expected type: JSONObject, found: {}",
+                json_type(other)
+            ));
+        }
+    };
+    let (allowed, required): (&[&str], &[&str]) = match family {
+        Family::Llama => (
+            &["prompt", "max_gen_len", "temperature", "top_p"],
+            &["prompt"],
+        ),
+        Family::Anthropic => (
+            &[
+                "anthropic_version",
+                "max_tokens",
+                "messages",
+                "system",
+                "temperature",
+                "top_p",
+                "top_k",
+                "stop_sequences",
+            ],
+            &["anthropic_version", "max_tokens", "messages"],
+        ),
+    };
+    let mut problems = Vec::new();
+    for key in required {
+        if !obj.contains_key(*key) {
+            problems.push(format!("#: required key [{key}] not found"));
+        }
+    }
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            problems.push(format!("#: extraneous key [{key}] is not permitted"));
+        }
+    }
+    let mut check = |r: Result<(), String>| {
+        if let Err(e) = r {
+            problems.push(e);
+        }
+    };
+    match family {
+        Family::Llama => {
+            if let Some(p) = obj.get("prompt").filter(|p| !p.is_string()) {
+                check(Err(format!(
+                    "#/prompt: expected type: String, found: {}",
+                    json_type(p)
+                )));
+            }
+            check(check_integer(obj, "max_gen_len", 1, Some(2048)));
+            check(check_number(obj, "temperature", 0.0, 1.0));
+            check(check_number(obj, "top_p", 0.0, 1.0));
+        }
+        Family::Anthropic => {
+            if let Some(v) = obj.get("anthropic_version") {
+                if v.as_str() != Some(ANTHROPIC_VERSION) {
+                    check(Err(format!(
+                        "#/anthropic_version: {v} is not a valid enum value, expected: {ANTHROPIC_VERSION}"
+                    )));
+                }
+            }
+            check(check_integer(obj, "max_tokens", 1, None));
+            match obj.get("messages") {
+                None => {}
+                Some(Value::Array(a)) if a.is_empty() => check(Err(
+                    "#/messages: expected minimum item count: 1, found: 0".into(),
+                )),
+                Some(Value::Array(_)) => {}
+                Some(v) => check(Err(format!(
+                    "#/messages: expected type: JSONArray, found: {}",
+                    json_type(v)
+                ))),
+            }
+            check(check_number(obj, "temperature", 0.0, 1.0));
+            check(check_number(obj, "top_p", 0.0, 1.0));
+            check(check_integer(obj, "top_k", 0, None));
+            match obj.get("stop_sequences") {
+                None | Some(Value::Array(_)) => {}
+                Some(v) => check(Err(format!(
+                    "#/stop_sequences: expected type: JSONArray, found: {}",
+                    json_type(v)
+                ))),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join(", "))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------
+
+struct Ctx {
+    family: Family,
+    stop_sequence: Option<String>,
+    started: Instant,
+    /// Kill switch of the connection this request came on.
+    kill: Option<Arc<AtomicBool>>,
+}
+
+fn request_id() -> String {
+    let a = random_u64();
+    let b = random_u64();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn error_response(status: StatusCode, error_type_header: &str, message: &str) -> Response {
+    Response::builder()
+        .status(status)
+        .header("x-amzn-ErrorType", error_type_header)
+        .header("x-amzn-RequestId", request_id())
+        .content_type("application/json")
+        .body(json!({ "message": message }).to_string())
+}
+
+fn bedrock_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+    error_response(status, &format!("{error_type}{ERROR_TYPE_SUFFIX}"), message)
+}
+
+fn validation_error(message: &str) -> Response {
+    bedrock_error(StatusCode::BAD_REQUEST, "ValidationException", message)
+}
+
+/// The reply a scenario gives on `Invoke` (everything but `HttpError`).
+fn reply_parts(scenario: &Scenario) -> (&[String], NativeStop, u32) {
+    match scenario {
+        Scenario::Reply {
+            pieces,
+            stop,
+            input_tokens,
+            ..
+        } => (pieces, *stop, *input_tokens),
+        Scenario::ExceptionAfter { pieces, .. }
+        | Scenario::ErrorFrameAfter { pieces, .. }
+        | Scenario::DropAfter { pieces } => (pieces, NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
+        Scenario::HttpError { .. } => (&[], NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
+    }
+}
+
+fn llama_stop(stop: NativeStop) -> &'static str {
+    match stop {
+        NativeStop::EndTurn | NativeStop::StopSequence => "stop",
+        NativeStop::MaxTokens => "length",
+    }
+}
+
+fn anthropic_stop(stop: NativeStop) -> &'static str {
+    match stop {
+        NativeStop::EndTurn => "end_turn",
+        NativeStop::MaxTokens => "max_tokens",
+        NativeStop::StopSequence => "stop_sequence",
+    }
+}
+
+fn anthropic_stop_sequence(ctx: &Ctx, stop: NativeStop) -> Value {
+    match (stop, &ctx.stop_sequence) {
+        (NativeStop::StopSequence, Some(s)) => Value::String(s.clone()),
+        _ => Value::Null,
+    }
+}
+
+fn message_id() -> String {
+    format!("msg_bdrk_01{}", random_letters(22, true))
+}
+
+fn invoke_response(ctx: &Ctx, scenario: &Scenario) -> Response {
+    let (pieces, stop, input_tokens) = reply_parts(scenario);
+    let joined: String = pieces.concat();
+    let output_tokens = pieces.len();
+    let native = match ctx.family {
+        Family::Llama => json!({
+            "generation": joined,
+            "prompt_token_count": input_tokens,
+            "generation_token_count": output_tokens,
+            "stop_reason": llama_stop(stop),
+        }),
+        Family::Anthropic => json!({
+            "id": message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": ANTHROPIC_MODEL,
+            "content": [{"type": "text", "text": joined}],
+            "stop_reason": anthropic_stop(stop),
+            "stop_sequence": anthropic_stop_sequence(ctx, stop),
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        }),
+    };
+    let text = native.to_string();
+    let builder = Response::builder()
+        .status(StatusCode::OK)
+        .content_type("application/json")
+        .header("x-amzn-RequestId", request_id())
+        .header("X-Amzn-Bedrock-Input-Token-Count", input_tokens.to_string())
+        .header(
+            "X-Amzn-Bedrock-Output-Token-Count",
+            output_tokens.to_string(),
+        )
+        .header(
+            "X-Amzn-Bedrock-Invocation-Latency",
+            ctx.started.elapsed().as_millis().to_string(),
+        );
+    if let Scenario::DropAfter { .. } = scenario {
+        // Half the JSON, then abort the connection.
+        let first = text.as_bytes()[..text.len() / 2].to_vec();
+        let kill = ctx.kill.clone();
+        let stream = futures_util::stream::unfold(Some(first), move |first| {
+            let kill = kill.clone();
+            async move {
+                match first {
+                    Some(first) => Some((Ok(first), None)),
+                    None => Some((Err(abort_connection(kill.as_deref()).await), None)),
+                }
+            }
+        });
+        return builder.body(Body::from_bytes_stream(stream));
+    }
+    builder.body(text)
+}
+
+/// Aborts the connection the response is being written on, so that the
+/// chunked body is never terminated. Returns the error the body stream must
+/// yield next.
+///
+/// A body error alone is not enough: hyper does stop there, but poem's
+/// server then polls the finished connection once more (graceful shutdown)
+/// and hyper writes the terminating `0\r\n\r\n` chunk, turning the drop into
+/// a clean end. So the connection's I/O is made to fail first.
+async fn abort_connection(kill: Option<&AtomicBool>) -> std::io::Error {
+    // Give hyper a turn to flush the frames produced before the drop.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Some(kill) = kill {
+        kill.store(true, Ordering::SeqCst);
+    }
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "emulator: connection dropped on purpose (DropAfter)",
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Event streams
+// ---------------------------------------------------------------------------
+
+enum Step {
+    /// A `chunk` event carrying `native` (base64'd). `metrics`: add
+    /// `amazon-bedrock-invocationMetrics` when it is sent.
+    Chunk {
+        delay: Duration,
+        native: Value,
+        metrics: bool,
+    },
+    Exception {
+        delay: Duration,
+        exception_type: String,
+        payload: Value,
+    },
+    ErrorFrame {
+        delay: Duration,
+        code: String,
+        message: String,
+    },
+    Abort,
+}
+
+fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
+    let mut steps = VecDeque::new();
+    let (pieces, pace, stop, input_tokens, complete) = match scenario {
+        Scenario::Reply {
+            pieces,
+            pace,
+            stop,
+            input_tokens,
+        } => (pieces.as_slice(), *pace, *stop, *input_tokens, true),
+        Scenario::ExceptionAfter { pieces, .. }
+        | Scenario::ErrorFrameAfter { pieces, .. }
+        | Scenario::DropAfter { pieces } => (
+            pieces.as_slice(),
+            DEFAULT_PACE,
+            NativeStop::EndTurn,
+            DEFAULT_INPUT_TOKENS,
+            false,
+        ),
+        Scenario::HttpError { .. } => return steps,
+    };
+    let n = pieces.len();
+    let piece_delay = |i: usize| if i == 0 { Duration::ZERO } else { pace };
+    let chunk = |native: Value| Step::Chunk {
+        delay: Duration::ZERO,
+        native,
+        metrics: false,
+    };
+    match ctx.family {
+        Family::Llama => {
+            for (i, piece) in pieces.iter().enumerate() {
+                steps.push_back(Step::Chunk {
+                    delay: piece_delay(i),
+                    native: json!({
+                        "generation": piece,
+                        "prompt_token_count": if i == 0 { json!(input_tokens) } else { Value::Null },
+                        "generation_token_count": i + 1,
+                        "stop_reason": null,
+                    }),
+                    metrics: false,
+                });
+            }
+            if complete {
+                steps.push_back(Step::Chunk {
+                    delay: Duration::ZERO,
+                    native: json!({
+                        "generation": "",
+                        "prompt_token_count": if n == 0 { json!(input_tokens) } else { Value::Null },
+                        "generation_token_count": n,
+                        "stop_reason": llama_stop(stop),
+                    }),
+                    metrics: true,
+                });
+            }
+        }
+        Family::Anthropic => {
+            steps.push_back(chunk(json!({
+                "type": "message_start",
+                "message": {
+                    "id": message_id(),
+                    "type": "message",
+                    "role": "assistant",
+                    "model": ANTHROPIC_MODEL,
+                    "content": [],
+                    "stop_reason": null,
+                    "stop_sequence": null,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                },
+            })));
+            steps.push_back(chunk(json!({
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            })));
+            for (i, piece) in pieces.iter().enumerate() {
+                steps.push_back(Step::Chunk {
+                    delay: piece_delay(i),
+                    native: json!({
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": piece},
+                    }),
+                    metrics: false,
+                });
+            }
+            if complete {
+                steps.push_back(chunk(json!({"type": "content_block_stop", "index": 0})));
+                steps.push_back(chunk(json!({
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": anthropic_stop(stop),
+                        "stop_sequence": anthropic_stop_sequence(ctx, stop),
+                    },
+                    "usage": {"output_tokens": n},
+                })));
+                steps.push_back(Step::Chunk {
+                    delay: Duration::ZERO,
+                    native: json!({"type": "message_stop"}),
+                    metrics: true,
+                });
+            }
+        }
+    }
+    // The fault comes right after the last piece.
+    match scenario {
+        Scenario::ExceptionAfter {
+            exception_type,
+            message,
+            ..
+        } => {
+            let payload = if exception_type == "modelStreamErrorException" {
+                json!({"message": message, "originalStatusCode": 500, "originalMessage": message})
+            } else {
+                json!({ "message": message })
+            };
+            steps.push_back(Step::Exception {
+                delay: Duration::ZERO,
+                exception_type: exception_type.clone(),
+                payload,
+            });
+        }
+        Scenario::ErrorFrameAfter { code, message, .. } => steps.push_back(Step::ErrorFrame {
+            delay: Duration::ZERO,
+            code: code.clone(),
+            message: message.clone(),
+        }),
+        Scenario::DropAfter { .. } => steps.push_back(Step::Abort),
+        _ => {}
+    }
+    steps
+}
+
+fn encode_frame(headers: Vec<(&'static str, String)>, payload: Vec<u8>) -> Vec<u8> {
+    let mut message = Message::new(payload);
+    for (name, value) in headers {
+        message = message.add_header(Header::new(name, HeaderValue::String(value.into())));
+    }
+    let mut out = Vec::new();
+    if let Err(e) = write_message_to(&message, &mut out) {
+        // Only possible for absurd header sizes; surface it loudly in the
+        // stream rather than panicking in the server.
+        eprintln!("emulator: could not encode an event-stream frame: {e}");
+    }
+    out
+}
+
+fn chunk_frame(native: &Value) -> Vec<u8> {
+    let bytes = base64::engine::general_purpose::STANDARD.encode(native.to_string());
+    let pad_len = (random_u64() % 40) as usize + 1;
+    let payload = json!({"bytes": bytes, "p": random_letters(pad_len, false)});
+    encode_frame(
+        vec![
+            (":message-type", "event".into()),
+            (":event-type", "chunk".into()),
+            (":content-type", "application/json".into()),
+        ],
+        payload.to_string().into_bytes(),
+    )
+}
+
+/// Records how the stream ended: `Completed` via `finish`, otherwise
+/// `ClientClosed` when dropped (hyper drops the body when the client is gone).
+struct StreamGuard {
+    st: Shared,
+    chunks: usize,
+    done: bool,
+}
+
+impl StreamGuard {
+    fn new(st: Shared) -> StreamGuard {
+        lock(&st).open += 1;
+        StreamGuard {
+            st,
+            chunks: 0,
+            done: false,
+        }
+    }
+
+    fn end(&mut self, how: StreamEnd) {
+        if !self.done {
+            self.done = true;
+            let mut st = lock(&self.st);
+            st.open = st.open.saturating_sub(1);
+            st.ended.push(how);
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let after_chunks = self.chunks;
+        self.end(StreamEnd::ClientClosed { after_chunks });
+    }
+}
+
+struct Writer {
+    steps: VecDeque<Step>,
+    guard: StreamGuard,
+    started: Instant,
+    first_byte: Option<Duration>,
+    input_tokens: u32,
+    output_tokens: usize,
+    kill: Option<Arc<AtomicBool>>,
+}
+
+fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
+    let steps = plan_stream(&ctx, scenario);
+    let (pieces, _, input_tokens) = reply_parts(scenario);
+    let writer = Writer {
+        steps,
+        guard: StreamGuard::new(st),
+        started: ctx.started,
+        first_byte: None,
+        input_tokens,
+        output_tokens: pieces.len(),
+        kill: ctx.kill.clone(),
+    };
+    let stream = futures_util::stream::unfold(writer, |mut w| async move {
+        let step = w.steps.pop_front()?;
+        let delay = match &step {
+            Step::Chunk { delay, .. }
+            | Step::Exception { delay, .. }
+            | Step::ErrorFrame { delay, .. } => *delay,
+            Step::Abort => Duration::ZERO,
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let first_byte = *w.first_byte.get_or_insert_with(|| w.started.elapsed());
+        let item: Result<Vec<u8>, std::io::Error> = match step {
+            Step::Chunk {
+                mut native,
+                metrics,
+                ..
+            } => {
+                if metrics {
+                    if let Value::Object(obj) = &mut native {
+                        obj.insert(
+                            "amazon-bedrock-invocationMetrics".into(),
+                            json!({
+                                "inputTokenCount": w.input_tokens,
+                                "outputTokenCount": w.output_tokens,
+                                "invocationLatency": w.started.elapsed().as_millis() as u64,
+                                "firstByteLatency": first_byte.as_millis() as u64,
+                            }),
+                        );
+                    }
+                }
+                w.guard.chunks += 1;
+                Ok(chunk_frame(&native))
+            }
+            Step::Exception {
+                exception_type,
+                payload,
+                ..
+            } => Ok(encode_frame(
+                vec![
+                    (":message-type", "exception".into()),
+                    (":exception-type", exception_type),
+                    (":content-type", "application/json".into()),
+                ],
+                payload.to_string().into_bytes(),
+            )),
+            Step::ErrorFrame { code, message, .. } => Ok(encode_frame(
+                vec![
+                    (":message-type", "error".into()),
+                    (":error-code", code),
+                    (":error-message", message),
+                ],
+                Vec::new(),
+            )),
+            Step::Abort => Err(abort_connection(w.kill.as_deref()).await),
+        };
+        if w.steps.is_empty() {
+            w.guard.end(StreamEnd::Completed);
+        }
+        Some((item, w))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("application/vnd.amazon.eventstream")
+        .header("X-Amzn-Bedrock-Content-Type", "application/json")
+        .header("x-amzn-RequestId", request_id())
+        .body(Body::from_bytes_stream(stream))
+}
+
+// ---------------------------------------------------------------------------
+// Connections that can be killed from inside a response body
+// ---------------------------------------------------------------------------
+
+/// Wraps poem's TCP acceptor so that every connection gets a kill switch,
+/// registered under the client's address (which the handler sees as
+/// `Request::remote_addr`).
+struct KillableAcceptor {
+    inner: TcpAcceptor,
+    state: Shared,
+}
+
+impl Acceptor for KillableAcceptor {
+    type Io = KillableIo;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn accept(&mut self) -> std::io::Result<(KillableIo, LocalAddr, RemoteAddr, Scheme)> {
+        let (io, local, remote, scheme) = self.inner.accept().await?;
+        let killed = Arc::new(AtomicBool::new(false));
+        let key = remote.0.as_socket_addr().copied();
+        if let Some(key) = key {
+            lock(&self.state).connections.insert(key, killed.clone());
+        }
+        let io = KillableIo {
+            inner: io,
+            killed,
+            key,
+            state: self.state.clone(),
+        };
+        Ok((io, local, remote, scheme))
+    }
+}
+
+/// A TCP stream whose every read and write fails once it has been killed;
+/// hyper then gives up on the connection without writing anything more.
+struct KillableIo {
+    inner: tokio::net::TcpStream,
+    killed: Arc<AtomicBool>,
+    key: Option<SocketAddr>,
+    state: Shared,
+}
+
+impl KillableIo {
+    fn check(&self) -> std::io::Result<()> {
+        if self.killed.load(Ordering::SeqCst) {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "emulator: connection killed",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for KillableIo {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            let mut st = lock(&self.state);
+            if st
+                .connections
+                .get(&key)
+                .is_some_and(|k| Arc::ptr_eq(k, &self.killed))
+            {
+                st.connections.remove(&key);
+            }
+        }
+    }
+}
+
+impl AsyncRead for KillableIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for KillableIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Randomness (no rand crate among the test dependencies)
+// ---------------------------------------------------------------------------
+
+fn random_u64() -> u64 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut seed = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    if seed == 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        STATE.store(now | 1, Ordering::Relaxed);
+        seed = now;
+    }
+    // splitmix64
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn random_letters(len: usize, digits: bool) -> String {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let range = if digits { LETTERS.len() } else { 52 };
+    (0..len)
+        .map(|_| LETTERS[(random_u64() % range as u64) as usize] as char)
+        .collect()
+}

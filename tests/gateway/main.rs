@@ -1,0 +1,10 @@
+//! Integration tests: the real `modelgate` binary, spoken to over real sockets, calling the
+//! real AWS SDK, which talks to an in-process emulator of Bedrock's wire protocol.
+
+mod app;
+mod emulator;
+mod emulator_selftest;
+mod invoke;
+mod service;
+mod sse;
+mod ws;
