@@ -4,10 +4,13 @@
 use std::{
     collections::HashMap,
     fmt,
+    num::{NonZeroU32, NonZeroUsize},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::{provider::bedrock::Format, request::Limits};
@@ -24,14 +27,67 @@ pub struct Config {
     pub listen: Option<String>,
     /// Browser origins allowed besides the gateway's own (CORS and WebSocket handshakes).
     pub allowed_origins: Vec<String>,
+    pub server: ServerSettings,
+    /// Keys clients must present; none means the gateway is open (on loopback only).
+    pub api_keys: Vec<ApiKeySpec>,
+    /// The limits of keys that name none of their own (all of `MODELGATE_API_KEYS`).
+    pub api_key_limits: KeyLimits,
     pub models: Vec<ModelSpec>,
+}
+
+/// Settings of the server as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// How long streams in flight may go on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// How long a client may leave a chunk unread before it is dropped.
+    pub slow_client_timeout: Duration,
+    /// Interval of SSE comment lines while the model is silent.
+    pub sse_keep_alive: Duration,
+    pub max_body_bytes: usize,
+    pub ws_max_message_bytes: usize,
+    /// Upstream calls in flight across all models; beyond it requests get 503.
+    pub max_concurrent_upstream: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub name: String,
     pub limits: Limits,
+    pub upstream: UpstreamSettings,
     pub provider: ProviderSpec,
+}
+
+/// How the gateway treats one model's upstream: timeouts, retries, concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// From sending the request to the first chunk (or the whole answer for `/invoke`'s
+    /// non-streaming call, which `total_timeout` bounds).
+    pub first_token_timeout: Duration,
+    /// Longest silence between two chunks.
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    /// Attempts of the SDK's retry (throttling, 5xx, connection errors) before an answer begins.
+    pub max_attempts: u32,
+    /// Upstream calls in flight to this model; beyond it requests get 503.
+    pub max_concurrent: usize,
+}
+
+/// An API key, by the SHA-256 of its secret, with its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeySpec {
+    /// A name for logs and metrics (never the secret).
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub limits: KeyLimits,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub tokens_per_minute: Option<NonZeroU32>,
+    pub concurrent_streams: Option<NonZeroUsize>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,8 +129,110 @@ struct RawConfig {
     listen: Option<String>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    shutdown_grace: Option<Spanned<Wait>>,
+    slow_client_timeout: Option<Spanned<Wait>>,
+    sse_keep_alive: Option<Spanned<Wait>>,
+    max_body_bytes: Option<NonZeroUsize>,
+    ws_max_message_bytes: Option<NonZeroUsize>,
+    max_concurrent_upstream: Option<NonZeroUsize>,
+    max_messages: Option<NonZeroUsize>,
+    max_input_chars: Option<NonZeroUsize>,
+    /// Defaults for every model's `upstream` table.
+    #[serde(default)]
+    upstream: RawUpstream,
+    /// Defaults for every API key's `limits` table.
+    #[serde(default)]
+    api_key_limits: RawKeyLimits,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
     #[serde(default)]
     models: Vec<Spanned<RawModel>>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout: Option<Wait>,
+    first_token_timeout: Option<Wait>,
+    idle_timeout: Option<Wait>,
+    total_timeout: Option<Wait>,
+    max_attempts: Option<NonZeroU32>,
+    max_concurrent: Option<NonZeroUsize>,
+}
+
+impl RawUpstream {
+    /// This table's values, else `defaults`' values.
+    fn or(self, defaults: RawUpstream) -> RawUpstream {
+        RawUpstream {
+            connect_timeout: self.connect_timeout.or(defaults.connect_timeout),
+            first_token_timeout: self.first_token_timeout.or(defaults.first_token_timeout),
+            idle_timeout: self.idle_timeout.or(defaults.idle_timeout),
+            total_timeout: self.total_timeout.or(defaults.total_timeout),
+            max_attempts: self.max_attempts.or(defaults.max_attempts),
+            max_concurrent: self.max_concurrent.or(defaults.max_concurrent),
+        }
+    }
+
+    fn settings(self) -> UpstreamSettings {
+        let wait = |value: Option<Wait>, default_secs| {
+            value.map_or(Duration::from_secs(default_secs), |wait| wait.0)
+        };
+        UpstreamSettings {
+            connect_timeout: wait(self.connect_timeout, 10),
+            first_token_timeout: wait(self.first_token_timeout, 60),
+            idle_timeout: wait(self.idle_timeout, 30),
+            total_timeout: wait(self.total_timeout, 600),
+            max_attempts: self.max_attempts.map_or(3, NonZeroU32::get),
+            max_concurrent: self.max_concurrent.map_or(128, NonZeroUsize::get),
+        }
+    }
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawKeyLimits {
+    requests_per_minute: Option<NonZeroU32>,
+    tokens_per_minute: Option<NonZeroU32>,
+    concurrent_streams: Option<NonZeroUsize>,
+}
+
+impl RawKeyLimits {
+    fn or(self, defaults: RawKeyLimits) -> KeyLimits {
+        KeyLimits {
+            requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
+            tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
+            concurrent_streams: self.concurrent_streams.or(defaults.concurrent_streams),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    id: Spanned<String>,
+    /// Hex SHA-256 of the key's secret: the file never holds the secret itself.
+    sha256: Spanned<String>,
+    #[serde(default)]
+    limits: RawKeyLimits,
+}
+
+/// A duration written as `"30s"`, `"500ms"`, `"10m"`; never zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wait(Duration);
+
+impl<'de> Deserialize<'de> for Wait {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match humantime::parse_duration(&text) {
+            Ok(duration) if !duration.is_zero() => Ok(Wait(duration)),
+            Ok(_) => Err(serde::de::Error::custom(
+                "a duration must be more than zero",
+            )),
+            Err(err) => Err(serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({err}); write e.g. \"500ms\", \"30s\" or \"10m\""
+            ))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -95,6 +253,9 @@ struct RawModel {
     max_tokens: Option<Spanned<u32>>,
     max_tokens_limit: Option<Spanned<u32>>,
     temperature: Option<Spanned<f64>>,
+    /// Overrides of the top-level `[upstream]` table for this model.
+    #[serde(default)]
+    upstream: RawUpstream,
 }
 
 impl Config {
@@ -133,6 +294,9 @@ impl Config {
             at(err.span(), message)
         })?;
 
+        let defaults = raw.upstream;
+        let max_messages = raw.max_messages.map_or(512, NonZeroUsize::get);
+        let max_input_chars = raw.max_input_chars.map_or(500_000, NonZeroUsize::get);
         let mut first_line_of: HashMap<String, usize> = HashMap::new();
         let mut models = Vec::with_capacity(raw.models.len());
         for entry in raw.models {
@@ -217,7 +381,10 @@ impl Config {
                     default_max_tokens,
                     max_tokens_limit,
                     default_temperature: raw.temperature.map(Spanned::into_inner),
+                    max_messages,
+                    max_input_chars,
                 },
+                upstream: raw.upstream.or(defaults).settings(),
                 provider: ProviderSpec::Bedrock(BedrockSpec {
                     model_id,
                     format,
@@ -232,13 +399,100 @@ impl Config {
                 "no models configured: add at least one [[models]] entry".into(),
             ));
         }
+        let mut api_keys: Vec<ApiKeySpec> = Vec::with_capacity(raw.api_keys.len());
+        for key in raw.api_keys {
+            let id = key.id.get_ref().trim();
+            if id.is_empty() {
+                return Err(at(Some(key.id.span()), "api key `id` is empty".into()));
+            }
+            if api_keys.iter().any(|known| known.id == id) {
+                return Err(at(
+                    Some(key.id.span()),
+                    format!("duplicate api key id `{id}`"),
+                ));
+            }
+            let Some(sha256) = parse_sha256(key.sha256.get_ref()) else {
+                return Err(at(
+                    Some(key.sha256.span()),
+                    format!(
+                        "api key `{id}`: `sha256` must be 64 hex digits, the SHA-256 of the key (e.g. `printf %s \"$KEY\" | sha256sum`)"
+                    ),
+                ));
+            };
+            api_keys.push(ApiKeySpec {
+                id: id.to_owned(),
+                sha256,
+                limits: key.limits.or(raw.api_key_limits),
+            });
+        }
+        let wait = |value: Option<Spanned<Wait>>, default_secs| {
+            value.map_or(Duration::from_secs(default_secs), |wait| {
+                wait.into_inner().0
+            })
+        };
         Ok(Config {
             source: source.to_owned(),
             listen: raw.listen,
             allowed_origins: raw.allowed_origins,
+            server: ServerSettings {
+                shutdown_grace: wait(raw.shutdown_grace, 30),
+                slow_client_timeout: wait(raw.slow_client_timeout, 30),
+                sse_keep_alive: wait(raw.sse_keep_alive, 15),
+                max_body_bytes: raw.max_body_bytes.map_or(1024 * 1024, NonZeroUsize::get),
+                ws_max_message_bytes: raw
+                    .ws_max_message_bytes
+                    .map_or(1024 * 1024, NonZeroUsize::get),
+                max_concurrent_upstream: raw.max_concurrent_upstream.map_or(512, NonZeroUsize::get),
+            },
+            api_keys,
+            api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),
             models,
         })
     }
+
+    /// Adds the keys of `MODELGATE_API_KEYS`: comma-separated `id:secret` pairs (or bare
+    /// secrets, named `env-1`, `env-2`, …), hashed at once; they get `api_key_limits`.
+    pub fn add_env_keys(&mut self, value: &str) -> Result<(), ConfigError> {
+        for (index, entry) in value
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .enumerate()
+        {
+            let (id, secret) = match entry.split_once(':') {
+                Some((id, secret)) => (id.trim().to_owned(), secret.trim()),
+                None => (format!("env-{}", index + 1), entry),
+            };
+            if secret.is_empty() || self.api_keys.iter().any(|known| known.id == id) {
+                return Err(ConfigError {
+                    source: "MODELGATE_API_KEYS".into(),
+                    line: None,
+                    message: format!(
+                        "entry {} (id `{id}`) is empty or its id is already used",
+                        index + 1
+                    ),
+                });
+            }
+            self.api_keys.push(ApiKeySpec {
+                id,
+                sha256: Sha256::digest(secret.as_bytes()).into(),
+                limits: self.api_key_limits,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 /// The key of a `key = value` line holding the byte offset, so that a type error on the

@@ -27,11 +27,18 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     TooLarge(String),
+    /// No API key, or one the gateway does not know.
+    #[error("{0}")]
+    Unauthorized(String),
     /// A browser origin the gateway does not serve.
     #[error("{0}")]
     Forbidden(String),
+    /// The upstream is throttling.
     #[error("{0}")]
     Throttled(String),
+    /// The caller's API key is over one of its limits; retry after this many seconds.
+    #[error("{0}")]
+    RateLimited(String, u64),
     /// The upstream answered with an error that is not the client's fault.
     #[error("{0}")]
     Upstream(String),
@@ -40,6 +47,9 @@ pub enum Error {
     UpstreamUnavailable(String),
     #[error("{0}")]
     UpstreamTimeout(String),
+    /// The gateway is stopping: new work is refused, work in flight ended at the grace period.
+    #[error("the gateway is shutting down; retry on another instance")]
+    ShuttingDown,
 }
 
 impl Error {
@@ -49,10 +59,11 @@ impl Error {
             Error::UnknownModel(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Throttled(_) | Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Error::UpstreamUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::UpstreamUnavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -64,18 +75,24 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::TooLarge(_) => "too_large",
+            Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::Throttled(_) => "throttled",
+            Error::RateLimited(..) => "rate_limited",
             Error::Upstream(_) => "upstream_error",
             Error::UpstreamUnavailable(_) => "upstream_unavailable",
             Error::UpstreamTimeout(_) => "upstream_timeout",
+            Error::ShuttingDown => "shutting_down",
         }
     }
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Throttled(_) => Some(THROTTLE_RETRY_AFTER_SECS),
-            Error::UpstreamUnavailable(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
+            Error::RateLimited(_, secs) => Some(*secs),
+            Error::UpstreamUnavailable(_) | Error::ShuttingDown => {
+                Some(UNAVAILABLE_RETRY_AFTER_SECS)
+            }
             _ => None,
         }
     }
@@ -101,6 +118,7 @@ impl Error {
             StatusCode::METHOD_NOT_ALLOWED => Error::MethodNotAllowed(message),
             StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(message),
             StatusCode::FORBIDDEN => Error::Forbidden(message),
+            StatusCode::UNAUTHORIZED => Error::Unauthorized(message),
             _ => Error::InvalidRequest(message),
         }
     }
@@ -138,6 +156,12 @@ impl poem::error::ResponseError for Error {
                 .headers_mut()
                 .insert("Retry-After", poem::http::HeaderValue::from(secs));
         }
+        if let Error::Unauthorized(_) = self {
+            response.headers_mut().insert(
+                "WWW-Authenticate",
+                poem::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         response
     }
 }
@@ -173,6 +197,7 @@ impl ApiResponse for Error {
                     "`invalid_request`: the request is malformed or out of range",
                     false,
                 ),
+                error_response(401, "`unauthorized`: a missing or unknown API key", false),
                 error_response(403, "`forbidden`: the browser origin is not allowed", false),
                 error_response(404, "`unknown_model`: no model of that name", false),
                 error_response(

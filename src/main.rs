@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use modelgate::{
     config::Config,
-    registry::Registry,
+    gateway::Gateway,
     server::{self, AppState, OriginPolicy},
     telemetry::{self, LogFormat},
 };
@@ -21,6 +21,9 @@ struct Cli {
     /// Address to listen on; beats the config's `listen`. Default 127.0.0.1:8080.
     #[arg(long, env = "MODELGATE_LISTEN")]
     listen: Option<String>,
+    /// Serve without API keys on a non-loopback address (anyone who reaches it can use it).
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text", env = "MODELGATE_LOG_FORMAT")]
     log_format: LogFormat,
@@ -41,7 +44,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(cli.log_format);
-    let config = match Config::load(cli.config.as_deref()) {
+    let config = Config::load(cli.config.as_deref()).and_then(|mut config| {
+        if let Ok(keys) = std::env::var("MODELGATE_API_KEYS") {
+            config.add_env_keys(&keys)?;
+        }
+        Ok(config)
+    });
+    let config = match config {
         Ok(config) => config,
         Err(err) => {
             eprintln!("modelgate: invalid configuration: {err}");
@@ -52,15 +61,35 @@ fn main() -> ExitCode {
         .listen
         .or_else(|| config.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    if config.api_keys.is_empty() {
+        if !is_loopback(&listen) && !cli.insecure_no_auth {
+            eprintln!(
+                "modelgate: refusing to serve {listen} without API keys: anyone who reaches it could \
+                 use your models. Configure keys (`[[api_keys]]` or MODELGATE_API_KEYS), listen on \
+                 127.0.0.1, or pass --insecure-no-auth."
+            );
+            return ExitCode::from(2);
+        }
+        tracing::warn!(
+            %listen,
+            "NO API KEYS CONFIGURED: every client that reaches {listen} can use every model"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("the Tokio runtime starts");
     runtime.block_on(async {
-        tracing::info!(config = %config.source, models = config.models.len(), "starting");
+        tracing::info!(
+            config = %config.source,
+            models = config.models.len(),
+            api_keys = config.api_keys.len(),
+            "starting"
+        );
         let state = AppState {
-            registry: Arc::new(Registry::build(&config).await),
+            gateway: Arc::new(Gateway::build(&config).await),
             origins: OriginPolicy::new(&config.allowed_origins),
+            metrics: telemetry::install_metrics(),
         };
         match server::serve(&listen, state).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -70,4 +99,14 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Whether `listen` binds only loopback addresses (`127.0.0.1:…`, `[::1]:…`, `localhost:…`).
+fn is_loopback(listen: &str) -> bool {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => listen
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
 }

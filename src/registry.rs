@@ -2,14 +2,14 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use futures_util::{StreamExt, stream};
 use poem_openapi::{Enum, Object};
+use tokio::sync::Semaphore;
 
 use crate::{
     config::{Config, ModelSpec, ProviderSpec},
     error::{Error, Result},
     provider::{
-        Chunk, ChunkStream, Completion, Provider,
+        ChunkStream, Completion, Provider,
         bedrock::{BedrockProvider, ClientPool},
     },
     request::{GenerateRequest, ValidRequest},
@@ -23,6 +23,8 @@ pub struct Registry {
 pub struct Model {
     pub spec: ModelSpec,
     provider: Box<dyn Provider>,
+    /// Upstream calls in flight to this model (`upstream.max_concurrent`).
+    pub slots: Arc<Semaphore>,
 }
 
 /// A model as `GET /models` lists it.
@@ -54,12 +56,13 @@ impl Registry {
                 ProviderSpec::Bedrock(bedrock) => Box::new(BedrockProvider::new(
                     spec.name.clone(),
                     bedrock.clone(),
-                    clients.client(bedrock.region.as_deref(), bedrock.endpoint_url.as_deref()),
+                    clients.client(bedrock, &spec.upstream),
                 )),
             };
             models.push(Arc::new(Model {
                 spec: spec.clone(),
                 provider,
+                slots: Arc::new(Semaphore::new(spec.upstream.max_concurrent)),
             }));
         }
         tracing::debug!(clients = clients.len(), "Bedrock clients built");
@@ -111,32 +114,7 @@ impl Model {
         self.provider.complete(request).await
     }
 
-    /// Starts a generation and waits for its first piece, so that a failure before the
-    /// answer begins is an `Err` here (a real HTTP status) rather than an error inside a
-    /// stream that already answered 200. The stream returned ends right after its `Done`
-    /// or its first error, and an upstream that ends early becomes an error.
     pub async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
-        let mut chunks = self.provider.stream(request).await?;
-        let first = match chunks.next().await {
-            Some(Ok(first)) => first,
-            Some(Err(err)) => return Err(err),
-            None => return Err(ended_early()),
-        };
-        let mut chunks = stream::iter([Ok(first)]).chain(chunks);
-        Ok(async_stream::stream! {
-            while let Some(item) = chunks.next().await {
-                let last = !matches!(item, Ok(Chunk::Text(_)));
-                yield item;
-                if last {
-                    return;
-                }
-            }
-            yield Err(ended_early());
-        }
-        .boxed())
+        self.provider.stream(request).await
     }
-}
-
-fn ended_early() -> Error {
-    Error::Upstream("the model's answer ended before it was complete".into())
 }

@@ -59,6 +59,10 @@ pub struct Limits {
     pub default_max_tokens: u32,
     pub max_tokens_limit: u32,
     pub default_temperature: Option<f64>,
+    /// Most messages in one conversation.
+    pub max_messages: usize,
+    /// Most characters of input (system prompt and messages together).
+    pub max_input_chars: usize,
 }
 
 /// A request that passed validation: at least one message, roles alternating from `user`,
@@ -104,6 +108,24 @@ impl GenerateRequest {
                 messages
             }
         };
+        if messages.len() > limits.max_messages {
+            return Err(Error::TooLarge(format!(
+                "the conversation has {} messages; at most {} are allowed",
+                messages.len(),
+                limits.max_messages
+            )));
+        }
+        let input_chars = self.system.as_deref().map_or(0, |s| s.chars().count())
+            + messages
+                .iter()
+                .map(|m| m.content.chars().count())
+                .sum::<usize>();
+        if input_chars > limits.max_input_chars {
+            return Err(Error::TooLarge(format!(
+                "the input has {input_chars} characters; at most {} are allowed",
+                limits.max_input_chars
+            )));
+        }
         let max_tokens = self.max_tokens.unwrap_or(limits.default_max_tokens);
         if max_tokens == 0 || max_tokens > limits.max_tokens_limit {
             return invalid(format!(
@@ -173,6 +195,8 @@ mod tests {
         default_max_tokens: 512,
         max_tokens_limit: 2048,
         default_temperature: Some(0.5),
+        max_messages: 3,
+        max_input_chars: 100,
     };
 
     fn message(role: Role, content: &str) -> ChatMessage {
@@ -249,5 +273,20 @@ mod tests {
             ..GenerateRequest::prompt("m", "x")
         };
         assert!(error_of(top_p).contains("`top_p`"));
+    }
+
+    #[test]
+    fn long_conversations_and_inputs_are_too_large() {
+        let long = GenerateRequest::prompt("m", "x".repeat(101));
+        let err = long.validate(&LIMITS).unwrap_err();
+        assert_eq!(err.code(), "too_large");
+        let turns = [Role::User, Role::Assistant, Role::User, Role::Assistant]
+            .map(|role| message(role, "hi"));
+        let many = GenerateRequest {
+            model: Some("m".into()),
+            messages: Some(turns.to_vec()),
+            ..Default::default()
+        };
+        assert!(error_of(many).contains("at most 3"));
     }
 }

@@ -1,10 +1,17 @@
 //! Logging, and the request id every request carries in its span, its logs and its response.
 
-use std::{io::IsTerminal, time::Instant};
+use std::{
+    io::IsTerminal,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response};
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
+
+use crate::provider::Usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -27,8 +34,32 @@ pub fn init(format: LogFormat) {
 
 const HEADER: &str = "x-request-id";
 
+/// The route label of a path: the known routes by name, everything else as `other`, so
+/// that random paths cannot grow the metrics without bound.
+fn route_label(path: &str) -> &'static str {
+    const ROUTES: &[&str] = &[
+        "/invoke",
+        "/stream",
+        "/ws/model",
+        "/models",
+        "/healthz",
+        "/metrics",
+        "/openapi.json",
+    ];
+    ROUTES
+        .iter()
+        .find(|route| **route == path)
+        .copied()
+        .unwrap_or(if path.starts_with("/docs") {
+            "/docs"
+        } else {
+            "other"
+        })
+}
+
 /// Gives each request an id (the client's `x-request-id` if it sent a sane one), a span
-/// carrying it, one log line with status and latency, and the id in the response.
+/// carrying it, one log line with status and latency, the id in the response, and its
+/// count and the gateway's own share of its latency in the metrics.
 pub struct RequestId;
 
 impl<E: Endpoint> Middleware<E> for RequestId {
@@ -44,7 +75,10 @@ pub struct RequestIdEndpoint<E>(E);
 impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
     type Output = Response;
 
-    async fn call(&self, request: Request) -> poem::Result<Response> {
+    async fn call(&self, mut request: Request) -> poem::Result<Response> {
+        let note = Arc::new(RequestNote::default());
+        request.extensions_mut().insert(note.clone());
+        let route = route_label(request.uri().path());
         let id = request
             .headers()
             .get(HEADER)
@@ -69,11 +103,17 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
                 Ok(output) => output.into_response(),
                 Err(err) => err.into_response(),
             };
-            tracing::info!(
-                status = response.status().as_u16(),
-                micros = started.elapsed().as_micros() as u64,
-                "answered"
-            );
+            let elapsed = started.elapsed();
+            let status = response.status().as_u16();
+            let fields = std::mem::take(&mut *note.0.lock().expect("the note is never poisoned"));
+            let model = fields.model.unwrap_or_default();
+            tracing::info!(status, model, micros = elapsed.as_micros() as u64, "answered");
+            metrics::counter!(REQUESTS, "route" => route, "model" => model, "status" => status.to_string())
+                .increment(1);
+            if let Some(upstream) = fields.upstream {
+                metrics::histogram!(GATEWAY_OVERHEAD_SECONDS, "route" => route)
+                    .record(elapsed.saturating_sub(upstream).as_secs_f64());
+            }
             if let Ok(value) = id.parse() {
                 response.headers_mut().insert(HEADER, value);
             }
@@ -81,5 +121,69 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Metric names, all under `modelgate_`.
+pub const REQUESTS: &str = "modelgate_requests_total";
+pub const GATEWAY_OVERHEAD_SECONDS: &str = "modelgate_gateway_overhead_seconds";
+pub const UPSTREAM_SECONDS: &str = "modelgate_upstream_seconds";
+pub const FIRST_CHUNK_SECONDS: &str = "modelgate_first_chunk_seconds";
+pub const TOKENS: &str = "modelgate_tokens_total";
+pub const ACTIVE_STREAMS: &str = "modelgate_active_streams";
+pub const CANCELLATIONS: &str = "modelgate_cancellations_total";
+pub const UPSTREAM_ERRORS: &str = "modelgate_upstream_errors_total";
+
+/// Installs the Prometheus recorder; `/metrics` renders the returned handle.
+pub fn install_metrics() -> PrometheusHandle {
+    const SECONDS: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets(SECONDS)
+        .expect("the bucket list is not empty")
+        .install_recorder()
+        .expect("the metrics recorder is installed once, at start-up")
+}
+
+pub fn count_tokens(model: &str, key: &str, usage: Usage) {
+    for (direction, count) in [
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+    ] {
+        metrics::counter!(TOKENS, "model" => model.to_owned(), "key" => key.to_owned(), "direction" => direction)
+            .increment(u64::from(count));
+    }
+}
+
+pub fn count_upstream_error(model: &str, code: &'static str) {
+    metrics::counter!(UPSTREAM_ERRORS, "model" => model.to_owned(), "code" => code).increment(1);
+}
+
+/// What a handler learned about its request that the request-id middleware reports: the
+/// model, and the time spent waiting on the upstream (so that the gateway's own share of
+/// the latency can be measured).
+#[derive(Default)]
+pub struct RequestNote(Mutex<NoteFields>);
+
+#[derive(Default)]
+struct NoteFields {
+    model: Option<String>,
+    upstream: Option<Duration>,
+}
+
+impl RequestNote {
+    pub fn model(&self, model: &str) {
+        self.0.lock().expect("the note is never poisoned").model = Some(model.to_owned());
+    }
+
+    pub fn upstream(&self, waited: Duration) {
+        self.0.lock().expect("the note is never poisoned").upstream = Some(waited);
+    }
+
+    /// The note a request carries, if the middleware gave it one.
+    pub fn of(request: &Request) -> Option<&Arc<RequestNote>> {
+        request.extensions().get::<Arc<RequestNote>>()
     }
 }

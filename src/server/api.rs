@@ -1,27 +1,24 @@
 //! The HTTP API described by the OpenAPI document: `/invoke`, `/stream`, `/models`, `/healthz`.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use futures_util::{StreamExt, stream::BoxStream};
+use poem::{Request, web::Data};
 use poem_openapi::{
-    Object, OpenApi,
+    ApiResponse, Object, OpenApi,
     param::Query,
     payload::{EventStream, Json},
 };
 
-use poem::web::Data;
-
 use super::{AppState, events::StreamEvent};
 use crate::{
     error::Error,
+    generation::Transport,
     provider::{StopReason, Usage},
-    registry::{ModelInfo, Registry},
+    registry::ModelInfo,
     request::GenerateRequest,
+    telemetry::RequestNote,
 };
-
-/// How often an SSE stream sends a comment while the model is silent, so that proxies and
-/// load balancers do not close it as idle.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 pub struct Api;
 
@@ -41,8 +38,18 @@ pub struct ModelList {
 
 #[derive(Debug, Object)]
 pub struct Health {
-    /// `ok` while the gateway serves requests.
+    /// `ok` while the gateway serves requests; `draining` once it is shutting down.
     pub status: String,
+}
+
+#[derive(ApiResponse)]
+pub enum HealthResponse {
+    /// Serving.
+    #[oai(status = 200)]
+    Ok(Json<Health>),
+    /// Shutting down: load balancers should stop sending requests here.
+    #[oai(status = 503)]
+    Draining(Json<Health>),
 }
 
 type Events = EventStream<BoxStream<'static, StreamEvent>>;
@@ -56,10 +63,15 @@ impl Api {
     async fn invoke(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        http: &Request,
         request: Json<GenerateRequest>,
     ) -> Result<Json<InvokeResponse>, Error> {
-        let (model, request) = state.registry.prepare(request.0)?;
-        let completion = model.complete(request).await?;
+        let caller = state.gateway.auth.authenticate(http)?;
+        note_model(&state, http, &request);
+        let (model, completion, waited) = state.gateway.complete(request.0, &caller).await?;
+        if let Some(note) = RequestNote::of(http) {
+            note.upstream(waited);
+        }
         Ok(Json(InvokeResponse {
             model: model.spec.name.clone(),
             text: completion.text,
@@ -73,9 +85,11 @@ impl Api {
     /// Server-Sent Events, for `EventSource`: `chunk` events as the model writes, then one
     /// `done` event, or one `error` event if the model fails after the stream began.
     #[oai(path = "/stream", method = "get", operation_id = "streamGet")]
+    #[allow(clippy::too_many_arguments)]
     async fn stream_get(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        http: &Request,
         /// Name of a model in the registry.
         model: Query<String>,
         /// The user's message.
@@ -87,16 +101,13 @@ impl Api {
         /// Nucleus sampling mass, 0 to 1.
         top_p: Query<Option<f64>>,
     ) -> Result<Events, Error> {
-        stream(
-            &state.registry,
-            GenerateRequest {
-                max_tokens: max_tokens.0,
-                temperature: temperature.0,
-                top_p: top_p.0,
-                ..GenerateRequest::prompt(model.0, prompt.0)
-            },
-        )
-        .await
+        let request = GenerateRequest {
+            max_tokens: max_tokens.0,
+            temperature: temperature.0,
+            top_p: top_p.0,
+            ..GenerateRequest::prompt(model.0, prompt.0)
+        };
+        stream(state, http, request).await
     }
 
     /// Stream an answer (JSON body)
@@ -106,33 +117,66 @@ impl Api {
     async fn stream_post(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        http: &Request,
         request: Json<GenerateRequest>,
     ) -> Result<Events, Error> {
-        stream(&state.registry, request.0).await
+        stream(state, http, request.0).await
     }
 
     /// List the models
     #[oai(path = "/models", method = "get", operation_id = "listModels")]
     async fn models(&self, Data(state): Data<&Arc<AppState>>) -> Json<ModelList> {
         Json(ModelList {
-            models: state.registry.models().map(|model| model.info()).collect(),
+            models: state
+                .gateway
+                .registry
+                .models()
+                .map(|model| model.info())
+                .collect(),
         })
     }
 
-    /// Liveness
+    /// Liveness and readiness
     #[oai(path = "/healthz", method = "get", operation_id = "health")]
-    async fn healthz(&self) -> Json<Health> {
-        Json(Health {
-            status: "ok".into(),
-        })
+    async fn healthz(&self, Data(state): Data<&Arc<AppState>>) -> HealthResponse {
+        if state.gateway.shutdown.draining.is_cancelled() {
+            HealthResponse::Draining(Json(Health {
+                status: "draining".into(),
+            }))
+        } else {
+            HealthResponse::Ok(Json(Health {
+                status: "ok".into(),
+            }))
+        }
     }
 }
 
-/// Both `/stream` operations: validate, start, and answer with the events.
-async fn stream(registry: &Registry, request: GenerateRequest) -> Result<Events, Error> {
-    let (model, request) = registry.prepare(request)?;
-    let chunks = model.stream(request).await?;
-    Ok(EventStream::new(chunks.map(StreamEvent::from).boxed())
-        .keep_alive(KEEP_ALIVE)
+/// Both `/stream` operations: authenticate, start, and answer with the events.
+async fn stream(
+    state: &AppState,
+    http: &Request,
+    request: GenerateRequest,
+) -> Result<Events, Error> {
+    let caller = state.gateway.auth.authenticate(http)?;
+    note_model(state, http, &request);
+    let generation = state
+        .gateway
+        .stream(request, &caller, Transport::Sse)
+        .await?;
+    if let Some(note) = RequestNote::of(http) {
+        note.upstream(generation.upstream_wait);
+    }
+    Ok(EventStream::new(generation.map(StreamEvent::from).boxed())
+        .keep_alive(state.gateway.settings.sse_keep_alive)
         .to_event(StreamEvent::into_sse))
+}
+
+/// Tells the metrics which model a request is for — only names the registry knows, so that
+/// clients cannot grow the metrics without bound.
+fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
+    if let (Some(note), Some(name)) = (RequestNote::of(http), request.model.as_deref())
+        && state.gateway.registry.get(name).is_ok()
+    {
+        note.model(name);
+    }
 }

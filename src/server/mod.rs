@@ -5,28 +5,32 @@ mod events;
 mod origin;
 mod ws;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use poem::{
     Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route,
     endpoint::BoxEndpoint,
     error::{ReadBodyError, ResponseError},
-    get,
-    http::header,
+    get, handler,
+    http::{Method, header},
     listener::{Acceptor, Listener, TcpListener},
+    middleware::Cors,
+    web::Data,
 };
 use poem_openapi::OpenApiService;
 
 pub use origin::OriginPolicy;
 
-use crate::{error::Error, registry::Registry, telemetry::RequestId};
+use crate::{error::Error, gateway::Gateway, telemetry::RequestId};
 
-/// Largest request body accepted, in bytes.
-const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long, past the grace period, the server waits for connections to close by themselves.
+const CLOSE_MARGIN: Duration = Duration::from_secs(5);
 
 pub struct AppState {
-    pub registry: Arc<Registry>,
+    pub gateway: Arc<Gateway>,
     pub origins: OriginPolicy,
+    pub metrics: PrometheusHandle,
 }
 
 fn api_service() -> OpenApiService<api::Api, ()> {
@@ -46,40 +50,80 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
     let api = api_service();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
-    Route::new()
-        .at("/ws/model", get(ws::ws_model))
-        .nest("/docs", docs)
-        .at("/openapi.json", spec)
-        .nest("/", api)
-        .around(limit_body)
-        .data(Arc::new(state))
-        .catch_all_error(|err| async move { Error::from_poem(&err).as_response() })
+    let max_body_bytes = state.gateway.settings.max_body_bytes;
+    let origins = state.origins.clone();
+    let routes = Arc::new(
+        Route::new()
+            .at("/ws/model", get(ws::ws_model))
+            .at("/metrics", get(metrics))
+            .nest("/docs", docs)
+            .at("/openapi.json", spec)
+            .nest("/", api)
+            .around(move |next, request| limit_body(next, request, max_body_bytes))
+            .data(Arc::new(state))
+            .catch_all_error(|err| async move { Error::from_poem(&err).as_response() }),
+    );
+    // Origins were checked before this runs, so poem's CORS only has to answer.
+    let cross_origin = Arc::new(
+        routes.clone().with(
+            Cors::new()
+                .allow_origins_fn(|_| true)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers(["authorization", "content-type", "x-request-id"])
+                .expose_headers(["x-request-id", "retry-after"])
+                .max_age(600),
+        ),
+    );
+    routes
+        .around(move |same_origin, request| {
+            let cross_origin = cross_origin.clone();
+            let origins = origins.clone();
+            async move {
+                let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+                match origins.classify(header(header::ORIGIN), header(header::HOST)) {
+                    Ok(origin::Origin::Same) => same_origin.call(request).await,
+                    Ok(origin::Origin::Cross) => cross_origin.call(request).await,
+                    Err(err) => Ok(err.as_response()),
+                }
+            }
+        })
         .with(RequestId)
         .into_endpoint()
         .boxed()
 }
 
-/// Refuses bodies over [`MAX_BODY_BYTES`] with 413, whether or not they announce their length.
-async fn limit_body<E: Endpoint>(next: E, mut request: Request) -> poem::Result<Response> {
-    let too_large = || Error::TooLarge(format!("the request body is over {MAX_BODY_BYTES} bytes"));
+/// Prometheus text format.
+#[handler]
+fn metrics(Data(state): Data<&Arc<AppState>>) -> String {
+    state.metrics.render()
+}
+
+/// Refuses bodies over `limit` bytes with 413, whether or not they announce their length.
+async fn limit_body<E: Endpoint>(
+    next: E,
+    mut request: Request,
+    limit: usize,
+) -> poem::Result<Response> {
+    let too_large = || Error::TooLarge(format!("the request body is over {limit} bytes"));
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
     match declared {
-        Some(length) if length > MAX_BODY_BYTES => return Err(too_large().into()),
+        Some(length) if length > limit => return Err(too_large().into()),
         Some(_) => {}
         None if request.headers().contains_key(header::TRANSFER_ENCODING) => {
-            let body = request
-                .take_body()
-                .into_bytes_limit(MAX_BODY_BYTES)
-                .await
-                .map_err(|err| match err {
-                    ReadBodyError::PayloadTooLarge => too_large(),
-                    other => {
-                        Error::InvalidRequest(format!("cannot read the request body: {other}"))
-                    }
-                })?;
+            let body =
+                request
+                    .take_body()
+                    .into_bytes_limit(limit)
+                    .await
+                    .map_err(|err| match err {
+                        ReadBodyError::PayloadTooLarge => too_large(),
+                        other => {
+                            Error::InvalidRequest(format!("cannot read the request body: {other}"))
+                        }
+                    })?;
             request.set_body(body);
         }
         None => {}
@@ -87,7 +131,8 @@ async fn limit_body<E: Endpoint>(next: E, mut request: Request) -> poem::Result<
     next.call(request).await.map(IntoResponse::into_response)
 }
 
-/// Binds `listen` and serves until the process is stopped.
+/// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused,
+/// work in flight has `shutdown_grace` to finish and is ended after it.
 pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
     let acceptor = TcpListener::bind(listen).into_acceptor().await?;
     for addr in acceptor.local_addr() {
@@ -95,9 +140,27 @@ pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
             tracing::info!(%addr, "modelgate listening on http://{addr}");
         }
     }
+    let gateway = state.gateway.clone();
+    let grace = gateway.settings.shutdown_grace;
+    let stop = {
+        let gateway = gateway.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!(
+                ?grace,
+                "draining: refusing new work, letting work in flight finish"
+            );
+            gateway.shutdown.begin(grace);
+        }
+    };
     poem::Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app(state), shutdown_signal(), None)
-        .await
+        .run_with_graceful_shutdown(app(state), stop, Some(grace + CLOSE_MARGIN))
+        .await?;
+    // WebSocket sessions live outside the HTTP connections the server waited for.
+    gateway.shutdown.sessions.close();
+    let _ = tokio::time::timeout(CLOSE_MARGIN, gateway.shutdown.sessions.wait()).await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,14 @@
-//! Which browser origins may open WebSockets: the gateway's own, those listed in
-//! `allowed_origins`, or any when `"*"` is written explicitly.
+//! Which browser origins may call the gateway (HTTP with CORS, and WebSocket handshakes):
+//! the gateway's own, those listed in `allowed_origins`, or any when `"*"` is written.
 
 use crate::error::{Error, Result};
+
+/// Where a request comes from, as far as the browser's same-origin policy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Same,
+    Cross,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct OriginPolicy {
@@ -20,17 +27,21 @@ impl OriginPolicy {
         }
     }
 
-    /// Requests without an `Origin` header come from non-browser clients and are allowed;
-    /// a browser's origin must be the gateway's own (same host) or listed.
-    pub fn check(&self, origin: Option<&str>, host: Option<&str>) -> Result<()> {
-        let Some(origin) = origin else { return Ok(()) };
+    /// Requests without an `Origin` header come from non-browser clients and count as
+    /// same-origin; a browser's origin must be the gateway's own (same host) or allowed.
+    pub fn classify(&self, origin: Option<&str>, host: Option<&str>) -> Result<Origin> {
+        let Some(origin) = origin else {
+            return Ok(Origin::Same);
+        };
         let origin = origin.to_ascii_lowercase();
         let same_origin = match (origin.split_once("://"), host) {
             (Some((_, origin_host)), Some(host)) => origin_host.eq_ignore_ascii_case(host),
             _ => false,
         };
-        if self.any || same_origin || self.allowed.contains(&origin) {
-            Ok(())
+        if same_origin {
+            Ok(Origin::Same)
+        } else if self.any || self.allowed.contains(&origin) {
+            Ok(Origin::Cross)
         } else {
             Err(Error::Forbidden(format!(
                 "origin `{origin}` is not allowed; add it to `allowed_origins` in the configuration"
@@ -44,38 +55,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn same_origin_and_non_browser_clients_are_allowed() {
+    fn same_origin_and_non_browser_clients_are_same_origin() {
         let policy = OriginPolicy::new(&[]);
-        assert!(policy.check(None, Some("127.0.0.1:8080")).is_ok());
-        assert!(
-            policy
-                .check(Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080"))
-                .is_ok()
+        assert_eq!(
+            policy.classify(None, Some("127.0.0.1:8080")).unwrap(),
+            Origin::Same
         );
+        let own = policy.classify(Some("http://127.0.0.1:8080"), Some("127.0.0.1:8080"));
+        assert_eq!(own.unwrap(), Origin::Same);
     }
 
     #[test]
     fn other_origins_need_to_be_listed() {
         let policy = OriginPolicy::new(&["https://chat.example.com/".into()]);
-        assert!(
-            policy
-                .check(Some("https://chat.example.com"), Some("gw:8080"))
-                .is_ok()
-        );
-        let refused = policy.check(Some("https://evil.example"), Some("gw:8080"));
+        let listed = policy.classify(Some("https://chat.example.com"), Some("gw:8080"));
+        assert_eq!(listed.unwrap(), Origin::Cross);
+        let refused = policy.classify(Some("https://evil.example"), Some("gw:8080"));
         assert_eq!(refused.unwrap_err().code(), "forbidden");
     }
 
     #[test]
     fn a_wildcard_must_be_explicit() {
-        assert!(
-            OriginPolicy::new(&["*".into()])
-                .check(Some("https://any.where"), None)
-                .is_ok()
+        let any = OriginPolicy::new(&["*".into()]);
+        assert_eq!(
+            any.classify(Some("https://any.where"), None).unwrap(),
+            Origin::Cross
         );
         assert!(
             OriginPolicy::new(&[])
-                .check(Some("https://any.where"), None)
+                .classify(Some("https://any.where"), None)
                 .is_err()
         );
     }

@@ -1,25 +1,30 @@
 //! `/ws/model`: the tutorial-compatible text mode (each text message is a prompt) and the
 //! JSON mode for chat front ends (subprotocol `modelgate.v1` or `format=json`).
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{borrow::Cow, collections::VecDeque, sync::Arc};
 
 use futures_util::{SinkExt, StreamExt};
 use poem::{
     IntoResponse, Request, handler,
     web::{
         Data, Query,
-        websocket::{Message, WebSocket, WebSocketStream},
+        websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream},
     },
 };
 use poem_openapi::types::{ParseFromJSON, ToJSON};
 use serde::Deserialize;
 
+use tracing::Instrument;
+
 use super::{AppState, events::StreamEvent};
 use crate::{
+    auth::{Caller, WS_PROTOCOL_PREFIX},
     error::{Error, Result},
-    provider::{Chunk, ChunkStream},
-    registry::Registry,
+    gateway::Gateway,
+    generation::{Generation, Transport},
+    provider::Chunk,
     request::GenerateRequest,
+    telemetry::RequestNote,
 };
 
 pub const JSON_SUBPROTOCOL: &str = "modelgate.v1";
@@ -48,27 +53,27 @@ pub async fn ws_model(
     Query(params): Query<WsParams>,
     Data(state): Data<&Arc<AppState>>,
 ) -> Result<impl IntoResponse> {
-    let origin = request
-        .headers()
-        .get("origin")
-        .and_then(|v| v.to_str().ok());
-    let host = request.headers().get("host").and_then(|v| v.to_str().ok());
-    state.origins.check(origin, host)?;
+    // The browser origin was checked for every route in `app()`.
+    let caller = state.gateway.auth.authenticate(request)?;
     let model = params.model.ok_or_else(|| {
         Error::InvalidRequest(
             "the `model` query parameter is required, e.g. /ws/model?model=llama3".into(),
         )
     })?;
-    state.registry.get(&model)?;
-    let offered_json = request
+    state.gateway.registry.get(&model)?;
+    if let Some(note) = RequestNote::of(request) {
+        note.model(&model);
+    }
+    let offered: Vec<&str> = request
         .headers()
         .get_all("sec-websocket-protocol")
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|protocol| protocol.trim() == JSON_SUBPROTOCOL);
+        .map(str::trim)
+        .collect();
     let mode = match params.format.as_deref() {
-        None | Some("text") if !offered_json => Mode::Text,
+        None | Some("text") if !offered.contains(&JSON_SUBPROTOCOL) => Mode::Text,
         None | Some("json") | Some("text") => Mode::Json,
         Some(other) => {
             return Err(Error::InvalidRequest(format!(
@@ -88,27 +93,46 @@ pub async fn ws_model(
             )));
         }
     };
-    let registry = state.registry.clone();
+    // Browsers fail a handshake whose answer names none of the subprotocols they offered,
+    // so a client that offers only its key gets that protocol back.
+    let mut protocols = vec![Cow::Borrowed(JSON_SUBPROTOCOL)];
+    protocols.extend(
+        offered
+            .iter()
+            .find(|protocol| protocol.starts_with(WS_PROTOCOL_PREFIX))
+            .map(|protocol| Cow::Owned(protocol.to_string())),
+    );
+    let limit = state.gateway.settings.ws_max_message_bytes;
+    let session = Session {
+        gateway: state.gateway.clone(),
+        caller,
+        model,
+        mode,
+        streaming,
+        max_message_bytes: limit,
+    };
     Ok(ws
-        .protocols(vec![JSON_SUBPROTOCOL])
-        .on_upgrade(move |socket| async move {
-            Session {
-                registry,
-                model,
-                mode,
-                streaming,
-            }
-            .run(socket)
-            .await
+        .protocols(protocols)
+        // tungstenite's own limit only bounds memory; the session closes with 1009 at `limit`.
+        .config(
+            WebSocketConfig::default()
+                .max_message_size(Some(limit.saturating_mul(2)))
+                .max_frame_size(Some(limit.saturating_mul(2))),
+        )
+        .on_upgrade(move |socket| {
+            let sessions = session.gateway.shutdown.sessions.clone();
+            sessions.track_future(session.run(socket))
         }))
 }
 
 struct Session {
-    registry: Arc<Registry>,
+    gateway: Arc<Gateway>,
+    caller: Caller,
     /// The model named in the URL; JSON requests may name another.
     model: String,
     mode: Mode,
     streaming: bool,
+    max_message_bytes: usize,
 }
 
 /// How the current prompt's reply is framed.
@@ -125,6 +149,7 @@ enum Incoming {
     Invalid(Error, Framing),
     Cancel,
     Ignore,
+    TooLarge,
     Closed,
 }
 
@@ -140,9 +165,12 @@ impl Session {
         loop {
             let next = match queued.pop_front() {
                 Some(next) => next,
-                None => match incoming.next().await {
-                    Some(Ok(message)) => self.interpret(message),
-                    _ => return,
+                None => tokio::select! {
+                    message = incoming.next() => match message {
+                        Some(Ok(message)) => self.interpret(message),
+                        _ => return,
+                    },
+                    _ = self.gateway.shutdown.draining.cancelled() => break,
                 },
             };
             let outcome = match next {
@@ -150,39 +178,74 @@ impl Session {
                     let span = tracing::info_span!(
                         "ws_prompt",
                         request_id = %uuid::Uuid::new_v4(),
-                        model = request.model.as_deref().unwrap_or_default()
+                        model = request.model.as_deref().unwrap_or_default(),
+                        key = self.caller.id(),
                     );
-                    let started = tracing::Instrument::instrument(self.start(request), span).await;
-                    match started {
-                        Ok(chunks) => {
-                            self.forward(chunks, framing, &mut sink, &mut incoming, &mut queued)
+                    async {
+                        match self.start(request).await {
+                            Ok(generation) => {
+                                self.forward(
+                                    generation,
+                                    framing,
+                                    &mut sink,
+                                    &mut incoming,
+                                    &mut queued,
+                                )
                                 .await
+                            }
+                            Err(err) => send(&mut sink, StreamEvent::from(&err), framing).await,
                         }
-                        Err(err) => send(&mut sink, StreamEvent::from(&err), framing).await,
                     }
+                    .instrument(span)
+                    .await
                 }
                 Incoming::Invalid(err, framing) => {
                     send(&mut sink, StreamEvent::from(&err), framing).await
                 }
                 Incoming::Cancel | Incoming::Ignore => Forwarded::Finished,
+                Incoming::TooLarge => {
+                    let _ = sink
+                        .send(Message::close_with(
+                            CloseCode::Size,
+                            format!("messages are limited to {} bytes", self.max_message_bytes),
+                        ))
+                        .await;
+                    return;
+                }
                 Incoming::Closed => Forwarded::ClientGone,
             };
             if let Forwarded::ClientGone = outcome {
                 return;
             }
+            if self.gateway.shutdown.draining.is_cancelled() {
+                break;
+            }
         }
+        let _ = sink
+            .send(Message::close_with(CloseCode::Away, "shutting_down"))
+            .await;
     }
 
-    async fn start(&self, request: GenerateRequest) -> Result<ChunkStream> {
-        let (model, request) = self.registry.prepare(request)?;
-        let chunks = model.stream(request).await;
-        if let Err(err) = &chunks {
+    async fn start(&self, request: GenerateRequest) -> Result<Generation> {
+        let generation = self
+            .gateway
+            .stream(request, &self.caller, Transport::WebSocket)
+            .await;
+        if let Err(err) = &generation {
             tracing::info!(code = err.code(), "prompt refused: {err}");
         }
-        chunks
+        generation
     }
 
     fn interpret(&self, message: Message) -> Incoming {
+        let size = match &message {
+            Message::Text(text) => text.len(),
+            Message::Binary(bytes) => bytes.len(),
+            _ => 0,
+        };
+        if size > self.max_message_bytes {
+            return Incoming::TooLarge;
+        }
         let (text, framing) = match message {
             Message::Text(text) => (text, Framing::Text),
             Message::Binary(bytes) => match String::from_utf8(bytes) {
@@ -240,7 +303,7 @@ impl Session {
     /// upstream call), a cancel ends this answer, further prompts wait their turn.
     async fn forward(
         &self,
-        mut chunks: ChunkStream,
+        mut chunks: Generation,
         framing: Framing,
         sink: &mut Sink,
         incoming: &mut Incomings,
@@ -276,13 +339,20 @@ impl Session {
                 message = incoming.next() => {
                     let Some(Ok(message)) = message else { return Forwarded::ClientGone };
                     match self.interpret(message) {
-                        Incoming::Cancel => return send(sink, StreamEvent::cancelled(), framing).await,
+                        Incoming::Cancel => {
+                            chunks.cancel();
+                            return send(sink, StreamEvent::cancelled(), framing).await;
+                        }
                         Incoming::Closed => return Forwarded::ClientGone,
+                        Incoming::TooLarge => {
+                            queued.push_front(Incoming::TooLarge);
+                            return Forwarded::Finished;
+                        }
                         Incoming::Ignore => {}
                         next if queued.len() >= MAX_QUEUED_PROMPTS => {
-                            let err = Error::Throttled(format!(
+                            let err = Error::RateLimited(format!(
                                 "more than {MAX_QUEUED_PROMPTS} prompts are waiting on this connection; wait for the answers"
-                            ));
+                            ), 1);
                             let framing = match next {
                                 Incoming::Prompt(_, framing) | Incoming::Invalid(_, framing) => framing,
                                 _ => framing,

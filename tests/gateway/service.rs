@@ -196,7 +196,7 @@ async fn a_bad_configuration_stops_start_up_naming_the_file_line_and_field() {
 
 #[tokio::test]
 async fn the_listen_flag_beats_the_environment_which_beats_the_config_file() {
-    let emulator_free = "listen = \"not-an-address\"\n[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+    let emulator_free = "listen = \"localhost:99999\"\n[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
     let file = config_file(emulator_free);
     let starts = |env: Option<&str>, flag: Option<&str>| {
         let mut command = gateway_command(false);
@@ -227,11 +227,11 @@ async fn the_listen_flag_beats_the_environment_which_beats_the_config_file() {
         "the environment beats the config"
     );
     assert!(
-        !starts(Some("127.0.0.1:0"), Some("not-an-address")).await,
+        !starts(Some("127.0.0.1:0"), Some("localhost:99999")).await,
         "the flag beats the environment"
     );
     assert!(
-        starts(Some("not-an-address"), Some("127.0.0.1:0")).await,
+        starts(Some("localhost:99999"), Some("127.0.0.1:0")).await,
         "the flag beats the environment"
     );
 }

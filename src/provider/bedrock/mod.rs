@@ -4,7 +4,7 @@
 mod anthropic;
 mod llama3;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use aws_config::{
@@ -13,7 +13,10 @@ use aws_config::{
 };
 use aws_sdk_bedrockruntime::{
     Client,
-    config::http::HttpResponse,
+    config::{
+        StalledStreamProtectionConfig, http::HttpResponse, retry::RetryConfig,
+        timeout::TimeoutConfig,
+    },
     error::{ProvideErrorMetadata, SdkError},
     primitives::Blob,
     types::{ResponseStream, error::ResponseStreamError},
@@ -24,7 +27,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 
 use super::{Chunk, ChunkStream, Completion, Provider, Usage};
 use crate::{
-    config::BedrockSpec,
+    config::{BedrockSpec, UpstreamSettings},
     error::{Error, Result},
     request::ValidRequest,
 };
@@ -136,10 +139,19 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     })
 }
 
-/// One SDK client per distinct (region, endpoint_url), built at start-up and shared.
+/// One SDK client per distinct (region, endpoint_url, connect timeout, attempts), built at
+/// start-up and shared.
 pub struct ClientPool {
     base: SdkConfig,
-    clients: HashMap<(Option<String>, Option<String>), Client>,
+    clients: HashMap<ClientKey, Client>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    connect_timeout: Duration,
+    max_attempts: u32,
 }
 
 impl ClientPool {
@@ -161,16 +173,29 @@ impl ClientPool {
         }
     }
 
-    pub fn client(&mut self, region: Option<&str>, endpoint_url: Option<&str>) -> Client {
-        let key = (region.map(str::to_owned), endpoint_url.map(str::to_owned));
+    pub fn client(&mut self, spec: &BedrockSpec, upstream: &UpstreamSettings) -> Client {
+        let key = ClientKey {
+            region: spec.region.clone(),
+            endpoint_url: spec.endpoint_url.clone(),
+            connect_timeout: upstream.connect_timeout,
+            max_attempts: upstream.max_attempts,
+        };
         self.clients
             .entry(key)
-            .or_insert_with(|| {
-                let mut config = aws_sdk_bedrockruntime::config::Builder::from(&self.base);
-                if let Some(region) = region {
-                    config = config.region(Region::new(region.to_owned()));
+            .or_insert_with_key(|key| {
+                let mut config = aws_sdk_bedrockruntime::config::Builder::from(&self.base)
+                    .timeout_config(
+                        TimeoutConfig::builder()
+                            .connect_timeout(key.connect_timeout)
+                            .build(),
+                    )
+                    .retry_config(RetryConfig::standard().with_max_attempts(key.max_attempts))
+                    // The gateway enforces its own `idle_timeout` between chunks.
+                    .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+                if let Some(region) = &key.region {
+                    config = config.region(Region::new(region.clone()));
                 }
-                if let Some(url) = endpoint_url {
+                if let Some(url) = &key.endpoint_url {
                     config = config.endpoint_url(url);
                 }
                 Client::from_conf(config.build())

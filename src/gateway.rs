@@ -1,0 +1,190 @@
+//! What every transport asks of the gateway: admit a request (shutdown, capacity, the
+//! caller's limits), start the upstream call, and hand back the answer.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    auth::{Auth, Caller},
+    config::{Config, ServerSettings},
+    error::{Error, Result},
+    generation::{Generation, Pump, Transport},
+    provider::Completion,
+    registry::{Model, Registry},
+    request::GenerateRequest,
+    telemetry,
+};
+
+pub struct Gateway {
+    pub registry: Registry,
+    pub auth: Auth,
+    pub settings: ServerSettings,
+    pub shutdown: Shutdown,
+    /// Upstream calls in flight across all models.
+    upstream_slots: Arc<Semaphore>,
+}
+
+/// The two moments of a graceful shutdown, and the WebSocket sessions it waits for.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// A stop was asked for: new work is refused, `/healthz` says `draining`.
+    pub draining: CancellationToken,
+    /// The grace period is over: work still in flight is ended.
+    pub deadline: CancellationToken,
+    /// Upgraded WebSocket connections, which the HTTP server no longer tracks.
+    pub sessions: TaskTracker,
+}
+
+impl Shutdown {
+    /// Starts draining now and ends everything after `grace`.
+    pub fn begin(&self, grace: Duration) {
+        self.draining.cancel();
+        let deadline = self.deadline.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            deadline.cancel();
+        });
+    }
+}
+
+impl Gateway {
+    pub async fn build(config: &Config) -> Gateway {
+        Gateway {
+            registry: Registry::build(config).await,
+            auth: Auth::new(&config.api_keys),
+            settings: config.server.clone(),
+            shutdown: Shutdown::default(),
+            upstream_slots: Arc::new(Semaphore::new(config.server.max_concurrent_upstream)),
+        }
+    }
+
+    /// The whole answer, and how long the upstream took to give it.
+    pub async fn complete(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+    ) -> Result<(Arc<Model>, Completion, Duration)> {
+        let (model, request) = self.registry.prepare(request)?;
+        let _permits = self.admit(&model, caller, false)?;
+        let started = Instant::now();
+        let timeout = model.spec.upstream.total_timeout;
+        let completion = tokio::select! {
+            completion = tokio::time::timeout(timeout, model.complete(request)) => match completion {
+                Ok(completion) => completion,
+                Err(_) => Err(Error::UpstreamTimeout(format!(
+                    "model `{}` did not answer within the total timeout of {timeout:?}",
+                    model.spec.name
+                ))),
+            },
+            _ = self.shutdown.deadline.cancelled() => Err(Error::ShuttingDown),
+        };
+        let waited = started.elapsed();
+        metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model.spec.name.clone())
+            .record(waited.as_secs_f64());
+        match &completion {
+            Ok(completion) => {
+                let usage = completion.finish.usage;
+                telemetry::count_tokens(&model.spec.name, caller.id(), usage);
+                caller.spend_tokens(usage.input_tokens + usage.output_tokens);
+            }
+            Err(err) => telemetry::count_upstream_error(&model.spec.name, err.code()),
+        }
+        Ok((model, completion?, waited))
+    }
+
+    /// Starts a streamed answer and waits for its first piece, so that a failure before the
+    /// answer begins is an `Err` here — a real HTTP status — rather than an error inside a
+    /// stream that already answered 200.
+    pub async fn stream(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+        transport: Transport,
+    ) -> Result<Generation> {
+        let (model, request) = self.registry.prepare(request)?;
+        let permits = self.admit(&model, caller, true)?;
+        let started = Instant::now();
+        let settings = model.spec.upstream;
+        let first = async {
+            let mut upstream = model.stream(request).await?;
+            match upstream.next().await {
+                Some(Ok(first)) => Ok((first, upstream)),
+                Some(Err(err)) => Err(err),
+                None => Err(Error::Upstream(format!(
+                    "model `{}` ended its answer before writing anything",
+                    model.spec.name
+                ))),
+            }
+        };
+        let started_stream = tokio::select! {
+            first = tokio::time::timeout(settings.first_token_timeout, first) => match first {
+                Ok(first) => first,
+                Err(_) => Err(Error::UpstreamTimeout(format!(
+                    "model `{}` did not start answering within {:?} (first token timeout)",
+                    model.spec.name, settings.first_token_timeout
+                ))),
+            },
+            _ = self.shutdown.deadline.cancelled() => Err(Error::ShuttingDown),
+        };
+        let (first, upstream) = started_stream.inspect_err(|err| {
+            telemetry::count_upstream_error(&model.spec.name, err.code());
+        })?;
+        metrics::histogram!(telemetry::FIRST_CHUNK_SECONDS, "model" => model.spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let pump = Pump {
+            model: model.spec.name.clone(),
+            caller: caller.clone(),
+            transport,
+            settings,
+            slow_client_timeout: self.settings.slow_client_timeout,
+            shutdown_deadline: self.shutdown.deadline.clone(),
+            permits,
+            started,
+        };
+        Ok(pump.start(first, upstream))
+    }
+
+    /// Checks that the gateway takes new work and that the caller, the model and the
+    /// gateway are under their limits; the permits returned hold the slots.
+    fn admit(
+        &self,
+        model: &Model,
+        caller: &Caller,
+        streaming: bool,
+    ) -> Result<Vec<OwnedSemaphorePermit>> {
+        if self.shutdown.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        caller.admit()?;
+        let mut permits = Vec::with_capacity(3);
+        if streaming {
+            permits.extend(caller.stream_permit()?);
+        }
+        let at_capacity =
+            |what: String| Error::UpstreamUnavailable(format!("{what}; retry shortly"));
+        permits.push(
+            self.upstream_slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| {
+                    at_capacity(format!(
+                        "the gateway is at its limit of {} upstream calls in flight",
+                        self.settings.max_concurrent_upstream
+                    ))
+                })?,
+        );
+        permits.push(model.slots.clone().try_acquire_owned().map_err(|_| {
+            at_capacity(format!(
+                "model `{}` is at its limit of {} calls in flight",
+                model.spec.name, model.spec.upstream.max_concurrent
+            ))
+        })?);
+        Ok(permits)
+    }
+}

@@ -1,0 +1,218 @@
+//! The life of one streamed answer between the upstream and a transport.
+//!
+//! A task pumps the upstream stream into a small bounded channel that the transport reads.
+//! The task is where the rules that hold for every transport live: the idle and total
+//! timeouts, the end of a client that stops reading (`slow_client_timeout`), a client that
+//! leaves or cancels (the upstream call is dropped at once), the end of the shutdown grace
+//! period, and the accounting (tokens, metrics, log) when the answer ends.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    auth::Caller,
+    config::UpstreamSettings,
+    error::{Error, Result},
+    provider::{Chunk, ChunkStream, Finish},
+    telemetry,
+};
+
+/// Chunks buffered between the upstream and a client that reads slower than the model
+/// writes; beyond it the upstream waits (and after `slow_client_timeout` is dropped).
+const BUFFERED_CHUNKS: usize = 32;
+
+/// Which transport serves a generation, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    WebSocket,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::WebSocket => "ws",
+        }
+    }
+}
+
+/// An answer being streamed: yields `Text` chunks, then one `Done` or one error.
+/// Dropping it stops the upstream call.
+pub struct Generation {
+    /// How long the upstream took to its first chunk.
+    pub upstream_wait: Duration,
+    chunks: mpsc::Receiver<Result<Chunk>>,
+    cancelled_by_client: Arc<AtomicBool>,
+    transport: Transport,
+}
+
+/// Everything the pump needs besides the upstream stream.
+pub struct Pump {
+    pub model: String,
+    pub caller: Caller,
+    pub transport: Transport,
+    pub settings: UpstreamSettings,
+    pub slow_client_timeout: Duration,
+    /// Fires when the shutdown grace period is over.
+    pub shutdown_deadline: CancellationToken,
+    /// Upstream slots (global, per model, per key) held for the stream's whole life.
+    pub permits: Vec<OwnedSemaphorePermit>,
+    pub started: Instant,
+}
+
+/// How a generation ended, for the accounting.
+enum Ended {
+    Finished(Finish),
+    Failed(Error),
+    Cancelled(&'static str),
+}
+
+impl Pump {
+    /// Starts the task that forwards `upstream`, whose first item was already taken.
+    pub fn start(self, first: Chunk, upstream: ChunkStream) -> Generation {
+        let (tx, rx) = mpsc::channel(BUFFERED_CHUNKS);
+        let cancelled_by_client = Arc::new(AtomicBool::new(false));
+        let generation = Generation {
+            upstream_wait: self.started.elapsed(),
+            chunks: rx,
+            cancelled_by_client: cancelled_by_client.clone(),
+            transport: self.transport,
+        };
+        metrics::gauge!(telemetry::ACTIVE_STREAMS, "transport" => self.transport.as_str())
+            .increment(1);
+        tokio::spawn(
+            async move {
+                let ended = self
+                    .forward(first, upstream, &tx, &cancelled_by_client)
+                    .await;
+                self.account(ended);
+            }
+            .in_current_span(),
+        );
+        generation
+    }
+
+    async fn forward(
+        &self,
+        first: Chunk,
+        mut upstream: ChunkStream,
+        tx: &mpsc::Sender<Result<Chunk>>,
+        cancelled_by_client: &AtomicBool,
+    ) -> Ended {
+        let gone = || {
+            if cancelled_by_client.load(Ordering::Relaxed) {
+                Ended::Cancelled("client_cancel")
+            } else {
+                Ended::Cancelled("client_gone")
+            }
+        };
+        let deadline = tokio::time::Instant::from_std(self.started + self.settings.total_timeout);
+        let mut next = Some(Ok(first));
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    biased;
+                    _ = tx.closed() => return gone(),
+                    _ = self.shutdown_deadline.cancelled() => Err(Error::ShuttingDown),
+                    _ = tokio::time::sleep_until(deadline) => Err(Error::UpstreamTimeout(format!(
+                        "model `{}` did not finish within the total timeout of {:?}",
+                        self.model, self.settings.total_timeout
+                    ))),
+                    item = tokio::time::timeout(self.settings.idle_timeout, upstream.next()) => match item {
+                        Ok(Some(item)) => item,
+                        Ok(None) => Err(Error::Upstream(format!(
+                            "the answer of model `{}` ended before it was complete", self.model
+                        ))),
+                        Err(_) => Err(Error::UpstreamTimeout(format!(
+                            "model `{}` sent nothing for {:?} (idle timeout)",
+                            self.model, self.settings.idle_timeout
+                        ))),
+                    },
+                },
+            };
+            let ended = match &item {
+                Ok(Chunk::Text(_)) => None,
+                Ok(Chunk::Done(finish)) => Some(Ended::Finished(*finish)),
+                Err(Error::ShuttingDown) => Some(Ended::Cancelled("shutdown")),
+                Err(err) => Some(Ended::Failed(err.clone())),
+            };
+            match tokio::time::timeout(self.slow_client_timeout, tx.send(item)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return gone(),
+                Err(_) => return Ended::Cancelled("slow_client"),
+            }
+            if let Some(ended) = ended {
+                return ended;
+            }
+        }
+    }
+
+    fn account(self, ended: Ended) {
+        let model = self.model.clone();
+        let elapsed = self.started.elapsed();
+        match ended {
+            Ended::Finished(finish) => {
+                telemetry::count_tokens(&model, self.caller.id(), finish.usage);
+                self.caller
+                    .spend_tokens(finish.usage.input_tokens + finish.usage.output_tokens);
+                tracing::info!(
+                    stop_reason = ?finish.stop_reason,
+                    input_tokens = finish.usage.input_tokens,
+                    output_tokens = finish.usage.output_tokens,
+                    millis = elapsed.as_millis() as u64,
+                    "generation finished"
+                );
+            }
+            Ended::Failed(err) => {
+                telemetry::count_upstream_error(&model, err.code());
+                tracing::warn!(code = err.code(), "generation failed mid-stream: {err}");
+            }
+            Ended::Cancelled(reason) => {
+                metrics::counter!(telemetry::CANCELLATIONS, "reason" => reason).increment(1);
+                tracing::info!(
+                    reason,
+                    millis = elapsed.as_millis() as u64,
+                    "generation cancelled; upstream call dropped"
+                );
+            }
+        }
+        metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model)
+            .record(elapsed.as_secs_f64());
+    }
+}
+
+impl Generation {
+    /// Ends the generation at the client's request (`{"type":"cancel"}`).
+    pub fn cancel(self) {
+        self.cancelled_by_client.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Stream for Generation {
+    type Item = Result<Chunk>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.chunks.poll_recv(cx)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::ACTIVE_STREAMS, "transport" => self.transport.as_str())
+            .decrement(1);
+    }
+}
