@@ -50,6 +50,9 @@ pub enum Error {
     /// The gateway is stopping: new work is refused, work in flight ended at the grace period.
     #[error("the gateway is shutting down; retry on another instance")]
     ShuttingDown,
+    /// The client left before its answer was ready; nobody receives this one.
+    #[error("the client closed the connection")]
+    ClientClosed,
 }
 
 impl Error {
@@ -65,6 +68,7 @@ impl Error {
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::UpstreamUnavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status"),
         }
     }
 
@@ -83,6 +87,7 @@ impl Error {
             Error::UpstreamUnavailable(_) => "upstream_unavailable",
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::ShuttingDown => "shutting_down",
+            Error::ClientClosed => "client_closed",
         }
     }
 

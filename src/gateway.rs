@@ -69,6 +69,7 @@ impl Gateway {
         &self,
         request: GenerateRequest,
         caller: &Caller,
+        client_gone: &CancellationToken,
     ) -> Result<(Arc<Model>, Completion, Duration)> {
         let (model, request) = self.registry.prepare(request)?;
         let _permits = self.admit(&model, caller, false)?;
@@ -83,6 +84,7 @@ impl Gateway {
                 ))),
             },
             _ = self.shutdown.deadline.cancelled() => Err(Error::ShuttingDown),
+            _ = client_gone.cancelled() => Err(Error::ClientClosed),
         };
         let waited = started.elapsed();
         metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model.spec.name.clone())
@@ -93,7 +95,7 @@ impl Gateway {
                 telemetry::count_tokens(&model.spec.name, caller.id(), usage);
                 caller.spend_tokens(usage.input_tokens + usage.output_tokens);
             }
-            Err(err) => telemetry::count_upstream_error(&model.spec.name, err.code()),
+            Err(err) => telemetry::count_failure(&model.spec.name, err),
         }
         Ok((model, completion?, waited))
     }
@@ -106,6 +108,7 @@ impl Gateway {
         request: GenerateRequest,
         caller: &Caller,
         transport: Transport,
+        client_gone: &CancellationToken,
     ) -> Result<Generation> {
         let (model, request) = self.registry.prepare(request)?;
         let permits = self.admit(&model, caller, true)?;
@@ -131,10 +134,10 @@ impl Gateway {
                 ))),
             },
             _ = self.shutdown.deadline.cancelled() => Err(Error::ShuttingDown),
+            _ = client_gone.cancelled() => Err(Error::ClientClosed),
         };
-        let (first, upstream) = started_stream.inspect_err(|err| {
-            telemetry::count_upstream_error(&model.spec.name, err.code());
-        })?;
+        let (first, upstream) =
+            started_stream.inspect_err(|err| telemetry::count_failure(&model.spec.name, err))?;
         metrics::histogram!(telemetry::FIRST_CHUNK_SECONDS, "model" => model.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         let pump = Pump {
@@ -144,6 +147,7 @@ impl Gateway {
             settings,
             slow_client_timeout: self.settings.slow_client_timeout,
             shutdown_deadline: self.shutdown.deadline.clone(),
+            client_gone: client_gone.clone(),
             permits,
             started,
         };

@@ -68,6 +68,8 @@ pub struct Pump {
     pub slow_client_timeout: Duration,
     /// Fires when the shutdown grace period is over.
     pub shutdown_deadline: CancellationToken,
+    /// Fires when the client's connection closes, even while nothing is being written.
+    pub client_gone: CancellationToken,
     /// Upstream slots (global, per model, per key) held for the stream's whole life.
     pub permits: Vec<OwnedSemaphorePermit>,
     pub started: Instant,
@@ -127,6 +129,7 @@ impl Pump {
                 None => tokio::select! {
                     biased;
                     _ = tx.closed() => return gone(),
+                    _ = self.client_gone.cancelled() => return gone(),
                     _ = self.shutdown_deadline.cancelled() => Err(Error::ShuttingDown),
                     _ = tokio::time::sleep_until(deadline) => Err(Error::UpstreamTimeout(format!(
                         "model `{}` did not finish within the total timeout of {:?}",
@@ -178,17 +181,10 @@ impl Pump {
                 );
             }
             Ended::Failed(err) => {
-                telemetry::count_upstream_error(&model, err.code());
+                telemetry::count_failure(&model, &err);
                 tracing::warn!(code = err.code(), "generation failed mid-stream: {err}");
             }
-            Ended::Cancelled(reason) => {
-                metrics::counter!(telemetry::CANCELLATIONS, "reason" => reason).increment(1);
-                tracing::info!(
-                    reason,
-                    millis = elapsed.as_millis() as u64,
-                    "generation cancelled; upstream call dropped"
-                );
-            }
+            Ended::Cancelled(reason) => telemetry::count_cancellation(reason),
         }
         metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model)
             .record(elapsed.as_secs_f64());

@@ -11,7 +11,7 @@ use poem::{Endpoint, IntoResponse, Middleware, Request, Response};
 use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
-use crate::provider::Usage;
+use crate::{error::Error, provider::Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -157,8 +157,22 @@ pub fn count_tokens(model: &str, key: &str, usage: Usage) {
     }
 }
 
-pub fn count_upstream_error(model: &str, code: &'static str) {
-    metrics::counter!(UPSTREAM_ERRORS, "model" => model.to_owned(), "code" => code).increment(1);
+/// Counts a request that ended in `err`: a cancellation when the client left or the
+/// gateway stopped, an upstream error otherwise.
+pub fn count_failure(model: &str, err: &Error) {
+    match err {
+        Error::ClientClosed => count_cancellation("client_gone"),
+        Error::ShuttingDown => count_cancellation("shutdown"),
+        err => {
+            metrics::counter!(UPSTREAM_ERRORS, "model" => model.to_owned(), "code" => err.code())
+                .increment(1);
+        }
+    }
+}
+
+pub fn count_cancellation(reason: &'static str) {
+    metrics::counter!(CANCELLATIONS, "reason" => reason).increment(1);
+    tracing::info!(reason, "generation cancelled; upstream call dropped");
 }
 
 /// What a handler learned about its request that the request-id middleware reports: the

@@ -10,7 +10,9 @@ use poem_openapi::{
     payload::{EventStream, Json},
 };
 
-use super::{AppState, events::StreamEvent};
+use tokio_util::sync::CancellationToken;
+
+use super::{AppState, connection::ClientGone, events::StreamEvent};
 use crate::{
     error::Error,
     generation::Transport,
@@ -67,8 +69,11 @@ impl Api {
         request: Json<GenerateRequest>,
     ) -> Result<Json<InvokeResponse>, Error> {
         let caller = state.gateway.auth.authenticate(http)?;
-        note_model(&state, http, &request);
-        let (model, completion, waited) = state.gateway.complete(request.0, &caller).await?;
+        note_model(state, http, &request);
+        let (model, completion, waited) = state
+            .gateway
+            .complete(request.0, &caller, &client_gone(http))
+            .await?;
         if let Some(note) = RequestNote::of(http) {
             note.upstream(waited);
         }
@@ -161,7 +166,7 @@ async fn stream(
     note_model(state, http, &request);
     let generation = state
         .gateway
-        .stream(request, &caller, Transport::Sse)
+        .stream(request, &caller, Transport::Sse, &client_gone(http))
         .await?;
     if let Some(note) = RequestNote::of(http) {
         note.upstream(generation.upstream_wait);
@@ -169,6 +174,14 @@ async fn stream(
     Ok(EventStream::new(generation.map(StreamEvent::from).boxed())
         .keep_alive(state.gateway.settings.sse_keep_alive)
         .to_event(StreamEvent::into_sse))
+}
+
+/// The token of the request's connection, cancelled when the client closes it.
+fn client_gone(http: &Request) -> CancellationToken {
+    http.extensions()
+        .get::<ClientGone>()
+        .map(|gone| gone.0.clone())
+        .unwrap_or_default()
 }
 
 /// Tells the metrics which model a request is for — only names the registry knows, so that

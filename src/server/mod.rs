@@ -1,6 +1,7 @@
 //! The web server: routes, shared state, and the one place where errors become responses.
 
 mod api;
+mod connection;
 mod events;
 mod origin;
 mod ws;
@@ -134,7 +135,8 @@ async fn limit_body<E: Endpoint>(
 /// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused,
 /// work in flight has `shutdown_grace` to finish and is ended after it.
 pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
-    let acceptor = TcpListener::bind(listen).into_acceptor().await?;
+    let acceptor =
+        connection::WatchedAcceptor::new(TcpListener::bind(listen).into_acceptor().await?);
     for addr in acceptor.local_addr() {
         if let Some(addr) = addr.as_socket_addr() {
             tracing::info!(%addr, "modelgate listening on http://{addr}");
@@ -153,8 +155,9 @@ pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
             gateway.shutdown.begin(grace);
         }
     };
+    let app = app(state).with(acceptor.tokens());
     poem::Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app(state), stop, Some(grace + CLOSE_MARGIN))
+        .run_with_graceful_shutdown(app, stop, Some(grace + CLOSE_MARGIN))
         .await?;
     // WebSocket sessions live outside the HTTP connections the server waited for.
     gateway.shutdown.sessions.close();

@@ -14,6 +14,7 @@ use poem::{
 use poem_openapi::types::{ParseFromJSON, ToJSON};
 use serde::Deserialize;
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{AppState, events::StreamEvent};
@@ -229,7 +230,13 @@ impl Session {
     async fn start(&self, request: GenerateRequest) -> Result<Generation> {
         let generation = self
             .gateway
-            .stream(request, &self.caller, Transport::WebSocket)
+            // The session reads the socket all along, so it sees the client leave itself.
+            .stream(
+                request,
+                &self.caller,
+                Transport::WebSocket,
+                &CancellationToken::new(),
+            )
             .await;
         if let Err(err) = &generation {
             tracing::info!(code = err.code(), "prompt refused: {err}");

@@ -107,6 +107,13 @@ pub enum Scenario {
     /// an I/O error, so the chunked response is never terminated). Invoke: a
     /// 200 whose JSON body is cut in the middle the same way.
     DropAfter { pieces: Vec<String> },
+    /// Stream: the pieces (20 ms apart), then no more text, never ending. Invoke: 200
+    /// headers, then a body that never completes. Either is tracked like a stream, so a
+    /// client that gives up shows as `ClientClosed`. So that the emulator notices a client
+    /// leaving (its server, like any hyper server, only notices on a write), it writes a
+    /// heartbeat every 100 ms: an event of a type the SDK does not know (which it skips),
+    /// or a space in the JSON body.
+    Stall { pieces: Vec<String> },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,6 +364,9 @@ async fn handle(st: Shared, mut req: Request) -> Response {
     }
 
     match operation {
+        Operation::Invoke if matches!(scenario, Scenario::Stall { .. }) => {
+            stalled_invoke_response(st)
+        }
         Operation::Invoke => invoke_response(&ctx, &scenario),
         Operation::InvokeStream => stream_response(st, ctx, &scenario),
     }
@@ -618,7 +628,8 @@ fn reply_parts(scenario: &Scenario) -> (&[String], NativeStop, u32) {
         } => (pieces, *stop, *input_tokens),
         Scenario::ExceptionAfter { pieces, .. }
         | Scenario::ErrorFrameAfter { pieces, .. }
-        | Scenario::DropAfter { pieces } => (pieces, NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
+        | Scenario::DropAfter { pieces }
+        | Scenario::Stall { pieces } => (pieces, NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
         Scenario::HttpError { .. } => (&[], NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
     }
 }
@@ -703,6 +714,21 @@ fn invoke_response(ctx: &Ctx, scenario: &Scenario) -> Response {
     builder.body(text)
 }
 
+/// An InvokeModel answer that never comes: headers, then only spaces (valid leading JSON
+/// whitespace) as heartbeats, with a guard that records the client leaving.
+fn stalled_invoke_response(st: Shared) -> Response {
+    let guard = StreamGuard::new(st);
+    let body = futures_util::stream::unfold(guard, |guard| async move {
+        tokio::time::sleep(HEARTBEAT).await;
+        Some((Ok::<_, std::io::Error>(b" ".to_vec()), guard))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("application/json")
+        .header("x-amzn-RequestId", request_id())
+        .body(Body::from_bytes_stream(body))
+}
+
 /// Aborts the connection the response is being written on, so that the
 /// chunked body is never terminated. Returns the error the body stream must
 /// yield next.
@@ -746,6 +772,8 @@ enum Step {
         message: String,
     },
     Abort,
+    /// No more text: only heartbeats, forever.
+    Stall,
 }
 
 fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
@@ -759,7 +787,8 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
         } => (pieces.as_slice(), *pace, *stop, *input_tokens, true),
         Scenario::ExceptionAfter { pieces, .. }
         | Scenario::ErrorFrameAfter { pieces, .. }
-        | Scenario::DropAfter { pieces } => (
+        | Scenario::DropAfter { pieces }
+        | Scenario::Stall { pieces } => (
             pieces.as_slice(),
             DEFAULT_PACE,
             NativeStop::EndTurn,
@@ -874,6 +903,7 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
             message: message.clone(),
         }),
         Scenario::DropAfter { .. } => steps.push_back(Step::Abort),
+        Scenario::Stall { .. } => steps.push_back(Step::Stall),
         _ => {}
     }
     steps
@@ -891,6 +921,21 @@ fn encode_frame(headers: Vec<(&'static str, String)>, payload: Vec<u8>) -> Vec<u
         eprintln!("emulator: could not encode an event-stream frame: {e}");
     }
     out
+}
+
+/// How often a stalled answer writes a heartbeat.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// An event of a type the SDK does not model: it yields `ResponseStream::Unknown`.
+fn heartbeat_frame() -> Vec<u8> {
+    encode_frame(
+        vec![
+            (":message-type", "event".into()),
+            (":event-type", "emulatorHeartbeat".into()),
+            (":content-type", "application/json".into()),
+        ],
+        b"{}".to_vec(),
+    )
 }
 
 fn chunk_frame(native: &Value) -> Vec<u8> {
@@ -971,6 +1016,7 @@ fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
             | Step::Exception { delay, .. }
             | Step::ErrorFrame { delay, .. } => *delay,
             Step::Abort => Duration::ZERO,
+            Step::Stall => HEARTBEAT,
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -1019,6 +1065,10 @@ fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
                 Vec::new(),
             )),
             Step::Abort => Err(abort_connection(w.kill.as_deref()).await),
+            Step::Stall => {
+                w.steps.push_front(Step::Stall);
+                Ok(heartbeat_frame())
+            }
         };
         if w.steps.is_empty() {
             w.guard.end(StreamEnd::Completed);

@@ -2,8 +2,10 @@
 //! real AWS SDK, which talks to an in-process emulator of Bedrock's wire protocol.
 
 mod app;
+mod cancellation;
 mod emulator;
 mod emulator_selftest;
+mod faults;
 mod invoke;
 mod service;
 mod sse;

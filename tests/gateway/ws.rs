@@ -12,16 +12,16 @@ use tokio_tungstenite::{
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, registry, spawn_app, spawn_app_with};
 use crate::emulator::{NativeStop, Scenario, StreamEnd};
 
-type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(app: &App, query: &str) -> Socket {
+pub async fn connect(app: &App, query: &str) -> Socket {
     connect_async(app.ws_url(query))
         .await
         .expect("the handshake succeeds")
         .0
 }
 
-async fn connect_json(app: &App, model: &str) -> Socket {
+pub async fn connect_json(app: &App, model: &str) -> Socket {
     let mut request = app
         .ws_url(&format!("model={model}"))
         .into_client_request()
@@ -38,7 +38,7 @@ async fn connect_json(app: &App, model: &str) -> Socket {
 }
 
 /// The next data message (text or binary), skipping control frames.
-async fn next_message(socket: &mut Socket) -> Message {
+pub async fn next_message(socket: &mut Socket) -> Message {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
             .await
@@ -51,14 +51,14 @@ async fn next_message(socket: &mut Socket) -> Message {
     }
 }
 
-async fn next_text(socket: &mut Socket) -> String {
+pub async fn next_text(socket: &mut Socket) -> String {
     match next_message(socket).await {
         Message::Text(text) => text.to_string(),
         other => panic!("expected a text message, got {other:?}"),
     }
 }
 
-async fn next_json(socket: &mut Socket) -> Value {
+pub async fn next_json(socket: &mut Socket) -> Value {
     serde_json::from_str(&next_text(socket).await).expect("a JSON frame")
 }
 

@@ -338,6 +338,11 @@ fn stream_error(err: SdkError<ResponseStreamError, RawMessage>, model: &str) -> 
             }
             _ => transport_error(&err, model),
         },
+        // The answer had begun: whatever broke the connection, the answer is broken.
+        SdkError::DispatchFailure(_) => Error::Upstream(format!(
+            "the connection to Bedrock broke in the middle of model `{model}`'s answer: {}",
+            error_chain(&err)
+        )),
         _ => transport_error(&err, model),
     }
 }

@@ -1,0 +1,88 @@
+//! A client that goes away stops the upstream call within a second, whatever the model is
+//! doing at that moment — even when it is silent and nothing is being written.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::app::{App, LLAMA_ID, spawn_app, sse_events};
+use crate::emulator::{Scenario, StreamEnd};
+
+/// Waits until the emulator is serving one stream (or one stalled Invoke).
+async fn upstream_open(app: &App) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while app.emulator.open_streams() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upstream call started");
+}
+
+async fn assert_upstream_closed_within_a_second(app: &App) {
+    let ends = app
+        .emulator
+        .wait_streams_ended(1, Duration::from_secs(1))
+        .await;
+    assert!(
+        matches!(ends[0], StreamEnd::ClientClosed { .. }),
+        "{ends:?}"
+    );
+    assert_eq!(app.emulator.open_streams(), 0);
+}
+
+#[tokio::test]
+async fn an_invoke_client_that_leaves_stops_the_upstream_call() {
+    let app = spawn_app().await;
+    app.emulator
+        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let request = tokio::spawn({
+        let url = format!("{}/invoke", app.url);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"model": "llama3", "prompt": "take your time"}))
+                .send()
+                .await
+        }
+    });
+    upstream_open(&app).await;
+    request.abort();
+    assert_upstream_closed_within_a_second(&app).await;
+}
+
+#[tokio::test]
+async fn an_sse_client_that_leaves_before_the_first_token_stops_the_upstream_call() {
+    let app = spawn_app().await;
+    app.emulator
+        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let request = tokio::spawn(reqwest::get(format!(
+        "{}/stream?model=llama3&prompt=hi",
+        app.url
+    )));
+    upstream_open(&app).await;
+    request.abort();
+    assert_upstream_closed_within_a_second(&app).await;
+}
+
+#[tokio::test]
+async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_call() {
+    let app = spawn_app().await;
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::Stall {
+            pieces: vec!["thinking...".into()],
+        },
+    );
+    let response = app.get("/stream?model=llama3&prompt=hi").await;
+    let mut events = sse_events(response);
+    assert_eq!(events.next().await.unwrap().data["text"], "thinking...");
+    drop(events);
+    assert_upstream_closed_within_a_second(&app).await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"modelgate_cancellations_total{reason="client_gone"} 1"#),
+        "{metrics}"
+    );
+}
