@@ -91,9 +91,9 @@ impl Auth {
                 found = Some(key.clone());
             }
         }
-        found
-            .map(|key| Caller(Some(key)))
-            .ok_or_else(|| Error::Unauthorized("the API key is not valid".into()))
+        let key = found.ok_or_else(|| Error::Unauthorized("the API key is not valid".into()))?;
+        tracing::Span::current().record("key", key.id.as_str());
+        Ok(Caller(Some(key)))
     }
 }
 

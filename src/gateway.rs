@@ -30,26 +30,26 @@ pub struct Gateway {
     upstream_slots: Arc<Semaphore>,
 }
 
-/// The two moments of a graceful shutdown, and the WebSocket sessions it waits for.
+/// The two moments of a graceful shutdown, and the work it waits for.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     /// A stop was asked for: new work is refused, `/healthz` says `draining`.
     pub draining: CancellationToken,
     /// The grace period is over: work still in flight is ended.
     pub deadline: CancellationToken,
-    /// Upgraded WebSocket connections, which the HTTP server no longer tracks.
-    pub sessions: TaskTracker,
+    /// Answers in flight and WebSocket sessions.
+    pub work: TaskTracker,
 }
 
 impl Shutdown {
-    /// Starts draining now and ends everything after `grace`.
-    pub fn begin(&self, grace: Duration) {
+    /// Drains: refuses new work at once, and returns when the work in flight has finished
+    /// or, at the latest, when `grace` is over and that work has been told to end.
+    pub async fn drain(&self, grace: Duration) {
         self.draining.cancel();
-        let deadline = self.deadline.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            deadline.cancel();
-        });
+        self.work.close();
+        if tokio::time::timeout(grace, self.work.wait()).await.is_err() {
+            self.deadline.cancel();
+        }
     }
 }
 
@@ -73,6 +73,7 @@ impl Gateway {
     ) -> Result<(Arc<Model>, Completion, Duration)> {
         let (model, request) = self.registry.prepare(request)?;
         let _permits = self.admit(&model, caller, false)?;
+        let _in_flight = self.shutdown.work.token();
         let started = Instant::now();
         let timeout = model.spec.upstream.total_timeout;
         let completion = tokio::select! {
@@ -149,6 +150,7 @@ impl Gateway {
             shutdown_deadline: self.shutdown.deadline.clone(),
             client_gone: client_gone.clone(),
             permits,
+            in_flight: self.shutdown.work.token(),
             started,
         };
         Ok(pump.start(first, upstream))

@@ -18,7 +18,7 @@ use std::{
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::task_tracker::TaskTrackerToken};
 use tracing::Instrument;
 
 use crate::{
@@ -72,6 +72,8 @@ pub struct Pump {
     pub client_gone: CancellationToken,
     /// Upstream slots (global, per model, per key) held for the stream's whole life.
     pub permits: Vec<OwnedSemaphorePermit>,
+    /// Keeps a graceful shutdown waiting for this answer.
+    pub in_flight: TaskTrackerToken,
     pub started: Instant,
 }
 

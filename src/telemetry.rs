@@ -96,6 +96,7 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
             request_id = %id,
             method = %request.method(),
             path = %request.uri().path(),
+            key = tracing::field::Empty,
         );
         async move {
             let started = Instant::now();

@@ -25,7 +25,7 @@ pub use origin::OriginPolicy;
 
 use crate::{error::Error, gateway::Gateway, telemetry::RequestId};
 
-/// How long, past the grace period, the server waits for connections to close by themselves.
+/// How long, after draining, the server waits for connections to close by themselves.
 const CLOSE_MARGIN: Duration = Duration::from_secs(5);
 
 pub struct AppState {
@@ -132,8 +132,9 @@ async fn limit_body<E: Endpoint>(
     next.call(request).await.map(IntoResponse::into_response)
 }
 
-/// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused,
-/// work in flight has `shutdown_grace` to finish and is ended after it.
+/// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused
+/// with 503 (and `/healthz` says `draining`, so load balancers move on) while the work in
+/// flight has `shutdown_grace` to finish; what is left then is ended, and the server stops.
 pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
     let acceptor =
         connection::WatchedAcceptor::new(TcpListener::bind(listen).into_acceptor().await?);
@@ -152,16 +153,15 @@ pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
                 ?grace,
                 "draining: refusing new work, letting work in flight finish"
             );
-            gateway.shutdown.begin(grace);
+            gateway.shutdown.drain(grace).await;
         }
     };
     let app = app(state).with(acceptor.tokens());
     poem::Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app, stop, Some(grace + CLOSE_MARGIN))
+        .run_with_graceful_shutdown(app, stop, Some(CLOSE_MARGIN))
         .await?;
     // WebSocket sessions live outside the HTTP connections the server waited for.
-    gateway.shutdown.sessions.close();
-    let _ = tokio::time::timeout(CLOSE_MARGIN, gateway.shutdown.sessions.wait()).await;
+    let _ = tokio::time::timeout(CLOSE_MARGIN, gateway.shutdown.work.wait()).await;
     tracing::info!("stopped");
     Ok(())
 }

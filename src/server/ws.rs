@@ -121,8 +121,8 @@ pub async fn ws_model(
                 .max_frame_size(Some(limit.saturating_mul(2))),
         )
         .on_upgrade(move |socket| {
-            let sessions = session.gateway.shutdown.sessions.clone();
-            sessions.track_future(session.run(socket))
+            let work = session.gateway.shutdown.work.clone();
+            work.track_future(session.run(socket))
         }))
 }
 

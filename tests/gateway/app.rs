@@ -28,7 +28,7 @@ pub struct App {
     pub url: String,
     pub emulator: Emulator,
     logs: Arc<Mutex<Vec<String>>>,
-    _child: Child,
+    child: Child,
     _config: tempfile::NamedTempFile,
 }
 
@@ -65,9 +65,19 @@ pub async fn spawn_app() -> App {
 /// Starts the gateway with the registry `config(emulator_url)`, with or without AWS
 /// credentials in its environment.
 pub async fn spawn_app_with(config: impl FnOnce(&str) -> String, credentials: bool) -> App {
+    spawn_app_env(config, credentials, &[]).await
+}
+
+/// Like [`spawn_app_with`], with more environment variables.
+pub async fn spawn_app_env(
+    config: impl FnOnce(&str) -> String,
+    credentials: bool,
+    env: &[(&str, &str)],
+) -> App {
     let emulator = Emulator::start().await;
     let file = config_file(&config(&emulator.url()));
     let mut command = gateway_command(credentials);
+    command.envs(env.iter().copied());
     command
         .arg("--config")
         .arg(file.path())
@@ -102,7 +112,7 @@ pub async fn spawn_app_with(config: impl FnOnce(&str) -> String, credentials: bo
         url,
         emulator,
         logs,
-        _child: child,
+        child,
         _config: file,
     }
 }
@@ -160,6 +170,39 @@ impl App {
         reqwest::get(format!("{}{path}", self.url))
             .await
             .expect("the gateway answers")
+    }
+
+    /// The gateway's process id, to watch its memory.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway is running")
+    }
+
+    /// Sends SIGTERM, as a service manager or orchestrator would.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the gateway to exit and returns its exit code.
+    pub async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the gateway exits in time")
+            .expect("the exit status")
+            .code()
+    }
+
+    /// Resident memory of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     /// Everything the gateway has logged so far.

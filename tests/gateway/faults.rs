@@ -126,6 +126,9 @@ fn pieces(texts: &[&str]) -> Vec<String> {
     texts.iter().map(|t| t.to_string()).collect()
 }
 
+/// A fault, the emulator's scenario for it, and what each transport must see.
+type Case = (&'static str, Scenario, Vec<(Transport, Seen)>);
+
 /// What each transport must see for a fault that happens before the answer begins.
 fn refused(status: u16, code: &str) -> [(Transport, Seen); 4] {
     [
@@ -170,7 +173,7 @@ async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_erro
     )
     .await;
     let partial = ["partial", " answer"];
-    let mut matrix: Vec<(&str, Scenario, Vec<(Transport, Seen)>)> = vec![
+    let mut matrix: Vec<Case> = vec![
         (
             "throttled before",
             http_error(429, "ThrottlingException"),

@@ -2,11 +2,14 @@
 //! real AWS SDK, which talks to an in-process emulator of Bedrock's wire protocol.
 
 mod app;
+mod auth;
 mod cancellation;
 mod emulator;
 mod emulator_selftest;
 mod faults;
 mod invoke;
+mod limits;
+mod operations;
 mod service;
 mod sse;
 mod ws;

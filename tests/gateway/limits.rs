@@ -1,0 +1,182 @@
+//! Limits and back-pressure: capacity, input size, WebSocket message size, slow clients.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+use crate::app::{LLAMA_ID, all_sse_events, expect_error, registry, spawn_app_with};
+use crate::emulator::{NativeStop, Scenario, StreamEnd};
+use crate::ws::connect;
+
+#[tokio::test]
+async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slot_frees() {
+    let app = spawn_app_with(
+        |url| {
+            registry(url).replacen(
+                "endpoint_url",
+                "upstream = { max_concurrent = 1 }\nendpoint_url",
+                1,
+            )
+        },
+        true,
+    )
+    .await;
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::Stall {
+            pieces: vec!["…".into()],
+        },
+    );
+    let holder = app.get("/stream?model=llama3&prompt=hold").await;
+    assert_eq!(holder.status(), 200);
+
+    let refused = app
+        .post("/invoke", &json!({"model": "llama3", "prompt": "me too"}))
+        .await;
+    assert!(refused.headers().contains_key("retry-after"));
+    let message = expect_error(refused, 503, "upstream_unavailable").await;
+    assert!(
+        message.contains("llama3") && message.contains("limit of 1"),
+        "{message}"
+    );
+    let other_model = app
+        .post("/invoke", &json!({"model": "anthropic", "prompt": "hi"}))
+        .await;
+    assert_eq!(other_model.status(), 200, "the cap is per model");
+
+    drop(holder);
+    app.emulator
+        .wait_streams_ended(1, Duration::from_secs(1))
+        .await;
+    app.emulator.script(LLAMA_ID, Scenario::reply(&["free"]));
+    let freed = app
+        .post("/invoke", &json!({"model": "llama3", "prompt": "now?"}))
+        .await;
+    assert_eq!(
+        freed.status(),
+        200,
+        "the slot is released when the stream ends"
+    );
+}
+
+#[tokio::test]
+async fn the_gateway_wide_cap_holds_across_models() {
+    let app = spawn_app_with(
+        |url| format!("max_concurrent_upstream = 1\n{}", registry(url)),
+        true,
+    )
+    .await;
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::Stall {
+            pieces: vec!["…".into()],
+        },
+    );
+    let _holder = app.get("/stream?model=llama3&prompt=hold").await;
+    let refused = app
+        .post("/invoke", &json!({"model": "anthropic", "prompt": "hi"}))
+        .await;
+    let message = expect_error(refused, 503, "upstream_unavailable").await;
+    assert!(message.contains("gateway"), "{message}");
+}
+
+#[tokio::test]
+async fn long_inputs_and_long_conversations_are_413_before_any_upstream_call() {
+    let app = spawn_app_with(
+        |url| format!("max_input_chars = 100\nmax_messages = 3\n{}", registry(url)),
+        true,
+    )
+    .await;
+    let long = app
+        .post(
+            "/invoke",
+            &json!({"model": "llama3", "prompt": "x".repeat(101)}),
+        )
+        .await;
+    expect_error(long, 413, "too_large").await;
+    let turns: Vec<_> = (0..4)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": "hi"}))
+        .collect();
+    let many = app
+        .post("/stream", &json!({"model": "llama3", "messages": turns}))
+        .await;
+    expect_error(many, 413, "too_large").await;
+    assert!(app.emulator.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_websocket_message_over_the_limit_closes_the_connection_with_1009() {
+    let app = spawn_app_with(
+        |url| format!("ws_max_message_bytes = 1000\n{}", registry(url)),
+        true,
+    )
+    .await;
+    let mut socket = connect(&app, "model=llama3").await;
+    socket.send(Message::text("x".repeat(1500))).await.unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap()
+    .expect("a close frame with a code");
+    assert_eq!(close.code, CloseCode::Size);
+    assert!(app.emulator.requests().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_while_others_stream_on() {
+    let app = spawn_app_with(
+        |url| format!("slow_client_timeout = \"500ms\"\n{}", registry(url)),
+        true,
+    )
+    .await;
+    // 400 pieces of 32 KiB, as fast as the emulator can write: more than the socket
+    // buffers and the gateway's queue hold for a client that reads nothing.
+    let big = "y".repeat(32 * 1024);
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::Reply {
+            pieces: vec![big; 400],
+            pace: Duration::ZERO,
+            stop: NativeStop::EndTurn,
+            input_tokens: 1,
+        },
+    );
+    let stalled = app.get("/stream?model=llama3&prompt=flood").await;
+    assert_eq!(stalled.status(), 200);
+
+    app.emulator.script(
+        crate::app::CLAUDE_ID,
+        Scenario::reply(&["still", " streaming"]),
+    );
+    let events = all_sse_events(app.get("/stream?model=anthropic&prompt=hi").await).await;
+    assert_eq!(
+        events.last().unwrap().event,
+        "done",
+        "another client is served meanwhile"
+    );
+
+    let ends = app
+        .emulator
+        .wait_streams_ended(2, Duration::from_secs(5))
+        .await;
+    assert!(
+        ends.iter()
+            .any(|end| matches!(end, StreamEnd::ClientClosed { .. })),
+        "the slow client's upstream call was dropped: {ends:?}"
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"modelgate_cancellations_total{reason="slow_client"} 1"#),
+        "{metrics}"
+    );
+    drop(stalled);
+}

@@ -1,0 +1,211 @@
+//! Running it: metrics, CORS, graceful shutdown.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
+
+use crate::app::{
+    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_with, sse_events,
+};
+use crate::emulator::{NativeStop, Scenario};
+use crate::ws::{connect, connect_json, next_json};
+
+#[tokio::test]
+async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format() {
+    let app = spawn_app().await;
+    app.emulator
+        .script(LLAMA_ID, Scenario::reply(&["a", "b", "c"]));
+    app.post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
+        .await;
+    all_sse_events(app.get("/stream?model=llama3&prompt=hi").await).await;
+    app.post("/invoke", &json!({"model": "nope", "prompt": "hi"}))
+        .await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let metrics = response.text().await.unwrap();
+    for expected in [
+        r#"modelgate_requests_total{route="/invoke",model="llama3",status="200"} 1"#,
+        r#"modelgate_requests_total{route="/stream",model="llama3",status="200"} 1"#,
+        r#"modelgate_requests_total{route="/invoke",model="",status="404"} 1"#,
+        r#"modelgate_tokens_total{model="llama3",key="none",direction="input"} 14"#,
+        r#"modelgate_tokens_total{model="llama3",key="none",direction="output"} 6"#,
+        r#"modelgate_first_chunk_seconds_count{model="llama3"} 1"#,
+        r#"modelgate_upstream_seconds_count{model="llama3"} 2"#,
+        r#"modelgate_gateway_overhead_seconds_count{route="/invoke"} 1"#,
+        r#"modelgate_active_streams{transport="sse"} 0"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing `{expected}` in:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cors_answers_listed_origins_and_refuses_others() {
+    let app = spawn_app_with(
+        |url| {
+            format!(
+                "allowed_origins = [\"https://chat.example.com\"]\n{}",
+                registry(url)
+            )
+        },
+        true,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, format!("{}/invoke", app.url))
+        .header("origin", "https://chat.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type, authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://chat.example.com"
+    );
+    let allowed = client
+        .post(format!("{}/invoke", app.url))
+        .header("origin", "https://chat.example.com")
+        .json(&json!({"model": "llama3", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://chat.example.com"
+    );
+
+    let foreign = client
+        .post(format!("{}/invoke", app.url))
+        .header("origin", "https://evil.example")
+        .json(&json!({"model": "llama3", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    assert!(
+        !foreign
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+    assert_eq!(
+        app.emulator.requests().len(),
+        1,
+        "the foreign request reached nothing"
+    );
+
+    let same_origin = client
+        .post(format!("{}/invoke", app.url))
+        .header("origin", &app.url)
+        .json(&json!({"model": "llama3", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        same_origin.status(),
+        200,
+        "the gateway's own pages need no listing"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_short_answers_finish_ends_long_ones_refuses_new_work_and_exits_0() {
+    let mut app = spawn_app_with(
+        |url| format!("shutdown_grace = \"1500ms\"\n{}", registry(url)),
+        true,
+    )
+    .await;
+    // A short answer (finishes within the grace period) and a long one (does not).
+    app.emulator.script(
+        CLAUDE_ID,
+        Scenario::Reply {
+            pieces: vec!["short".into(); 5],
+            pace: Duration::from_millis(100),
+            stop: NativeStop::EndTurn,
+            input_tokens: 1,
+        },
+    );
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::Reply {
+            pieces: vec!["long".into(); 100],
+            pace: Duration::from_millis(100),
+            stop: NativeStop::EndTurn,
+            input_tokens: 1,
+        },
+    );
+    let mut short = sse_events(app.get("/stream?model=anthropic&prompt=hi").await);
+    let mut long = sse_events(app.get("/stream?model=llama3&prompt=hi").await);
+    let mut socket = connect_json(&app, "llama3").await;
+    socket
+        .send(Message::text(r#"{"prompt": "hi"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "chunk");
+    let mut idle_socket = connect(&app, "model=llama3").await;
+    short.next().await.unwrap();
+    long.next().await.unwrap();
+
+    app.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = app.get("/healthz").await;
+    assert_eq!(health.status(), 503);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "draining");
+    let refused = app
+        .post("/invoke", &json!({"model": "anthropic", "prompt": "hi"}))
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.json::<Value>().await.unwrap()["error"]["code"],
+        "shutting_down"
+    );
+    match idle_socket.next().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("an idle WebSocket is closed with 1001 at once, got {other:?}"),
+    }
+
+    let short_events: Vec<_> = short.collect().await;
+    assert_eq!(
+        short_events.last().unwrap().event,
+        "done",
+        "an answer that fits in the grace period completes"
+    );
+    let long_events: Vec<_> = long.collect().await;
+    let last = long_events.last().unwrap();
+    assert_eq!(last.event, "error");
+    assert_eq!(last.data["error"]["code"], "shutting_down");
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == "error" {
+                    assert_eq!(frame["error"]["code"], "shutting_down");
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Away);
+                break;
+            }
+            other => panic!("expected frames then a 1001 close, got {other:?}"),
+        }
+    }
+    assert_eq!(app.exit_code(Duration::from_secs(10)).await, Some(0));
+    app.emulator
+        .wait_streams_ended(3, Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        app.emulator.open_streams(),
+        0,
+        "no upstream call outlives the gateway"
+    );
+}
