@@ -83,12 +83,7 @@ impl Registry {
 
     /// Looks the model up and validates the request against its limits.
     pub fn prepare(&self, request: GenerateRequest) -> Result<(Arc<Model>, ValidRequest)> {
-        let name = request.model.as_deref().ok_or_else(|| {
-            Error::InvalidRequest(
-                "`model` is required: name one of the models GET /models lists".into(),
-            )
-        })?;
-        let model = self.get(name)?.clone();
+        let model = self.get(&request.model)?.clone();
         let valid = request.validate(&model.spec.limits)?;
         Ok((model, valid))
     }

@@ -2,43 +2,57 @@
 //! trust. Every transport builds a [`GenerateRequest`] and goes through [`GenerateRequest::validate`].
 
 use poem_openapi::{Enum, Object};
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 
 /// Most stop sequences one request may give.
 const MAX_STOP_SEQUENCES: usize = 8;
 
-/// A generation request: one `prompt`, or a conversation in `messages`.
-#[derive(Debug, Clone, Default, Object)]
+/// A generation request: one `prompt`, or a conversation in `messages` (exactly one of
+/// the two). Parsed by serde, whose errors name the field; the schema's constraints are
+/// checked again, with the rules a schema cannot state, by [`GenerateRequest::validate`].
+#[derive(Debug, Clone, Default, Object, Deserialize)]
 #[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
-    /// Name of a model in the registry (`GET /models`). Required, except in WebSocket JSON
-    /// frames, where it defaults to the model named in the URL.
-    pub model: Option<String>,
+    /// Name of a model in the registry (`GET /models`). In WebSocket JSON frames it may be
+    /// left out: it defaults to the model named in the URL.
+    pub model: String,
     /// A single user message. Give either `prompt` or `messages`.
+    #[oai(validator(min_length = 1))]
     pub prompt: Option<String>,
     /// The conversation so far, oldest first, starting with `user` and alternating.
+    #[oai(validator(min_items = 1))]
     pub messages: Option<Vec<ChatMessage>>,
     /// System prompt.
     pub system: Option<String>,
-    /// Most tokens to generate (1 up to the model's `max_tokens_limit`; default: the model's `max_tokens`).
+    /// Most tokens to generate: 1 up to the model's `max_tokens_limit` (default: the
+    /// model's `max_tokens`).
+    #[oai(validator(minimum(value = "1")))]
     pub max_tokens: Option<u32>,
     /// Sampling temperature, 0 to 1.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub temperature: Option<f64>,
     /// Nucleus sampling mass, 0 to 1.
+    #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub top_p: Option<f64>,
-    /// Sequences that end the answer when the model writes them (at most 8).
+    /// Sequences that end the answer when the model writes them (at most 8, none empty).
+    #[oai(validator(max_items = 8))]
     pub stop: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Object)]
+#[derive(Debug, Clone, PartialEq, Eq, Object, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: Role,
+    #[oai(validator(min_length = 1))]
     pub content: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
 #[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     User,
     Assistant,
@@ -81,7 +95,7 @@ impl GenerateRequest {
     /// A single-prompt request, as the WebSocket text mode and `GET /stream` send.
     pub fn prompt(model: impl Into<String>, prompt: impl Into<String>) -> Self {
         Self {
-            model: Some(model.into()),
+            model: model.into(),
             prompt: Some(prompt.into()),
             ..Self::default()
         }
@@ -228,7 +242,7 @@ mod tests {
         };
         assert!(error_of(both).contains("not both"));
         let neither = GenerateRequest {
-            model: Some("m".into()),
+            model: "m".into(),
             ..Default::default()
         };
         assert!(error_of(neither).contains("required"));
@@ -237,19 +251,19 @@ mod tests {
     #[test]
     fn conversations_must_start_with_user_and_alternate() {
         let starts_with_assistant = GenerateRequest {
-            model: Some("m".into()),
+            model: "m".into(),
             messages: Some(vec![message(Role::Assistant, "a")]),
             ..Default::default()
         };
         assert!(error_of(starts_with_assistant).contains("start with a `user`"));
         let repeated = GenerateRequest {
-            model: Some("m".into()),
+            model: "m".into(),
             messages: Some(vec![message(Role::User, "a"), message(Role::User, "b")]),
             ..Default::default()
         };
         assert!(error_of(repeated).contains("messages[1]"));
         let empty = GenerateRequest {
-            model: Some("m".into()),
+            model: "m".into(),
             messages: Some(vec![]),
             ..Default::default()
         };
@@ -283,7 +297,7 @@ mod tests {
         let turns = [Role::User, Role::Assistant, Role::User, Role::Assistant]
             .map(|role| message(role, "hi"));
         let many = GenerateRequest {
-            model: Some("m".into()),
+            model: "m".into(),
             messages: Some(turns.to_vec()),
             ..Default::default()
         };

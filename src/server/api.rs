@@ -12,7 +12,7 @@ use poem_openapi::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{AppState, connection::ClientGone, events::StreamEvent};
+use super::{AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody};
 use crate::{
     error::Error,
     generation::Transport,
@@ -66,10 +66,10 @@ impl Api {
         &self,
         Data(state): Data<&Arc<AppState>>,
         http: &Request,
-        request: Json<GenerateRequest>,
+        request: JsonBody<GenerateRequest>,
     ) -> Result<Json<InvokeResponse>, Error> {
         let caller = state.gateway.auth.authenticate(http)?;
-        note_model(state, http, &request);
+        note_model(state, http, &request.0);
         let (model, completion, waited) = state
             .gateway
             .complete(request.0, &caller, &client_gone(http))
@@ -100,10 +100,13 @@ impl Api {
         /// The user's message.
         prompt: Query<String>,
         /// Most tokens to generate.
+        #[oai(validator(minimum(value = "1")))]
         max_tokens: Query<Option<u32>>,
         /// Sampling temperature, 0 to 1.
+        #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
         temperature: Query<Option<f64>>,
         /// Nucleus sampling mass, 0 to 1.
+        #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
         top_p: Query<Option<f64>>,
     ) -> Result<Events, Error> {
         let request = GenerateRequest {
@@ -123,7 +126,7 @@ impl Api {
         &self,
         Data(state): Data<&Arc<AppState>>,
         http: &Request,
-        request: Json<GenerateRequest>,
+        request: JsonBody<GenerateRequest>,
     ) -> Result<Events, Error> {
         stream(state, http, request.0).await
     }
@@ -187,9 +190,9 @@ fn client_gone(http: &Request) -> CancellationToken {
 /// Tells the metrics which model a request is for — only names the registry knows, so that
 /// clients cannot grow the metrics without bound.
 fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
-    if let (Some(note), Some(name)) = (RequestNote::of(http), request.model.as_deref())
-        && state.gateway.registry.get(name).is_ok()
+    if let Some(note) = RequestNote::of(http)
+        && state.gateway.registry.get(&request.model).is_ok()
     {
-        note.model(name);
+        note.model(&request.model);
     }
 }

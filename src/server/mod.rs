@@ -3,6 +3,7 @@
 mod api;
 mod connection;
 mod events;
+mod json_body;
 mod origin;
 mod ws;
 
@@ -62,7 +63,13 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
             .nest("/", api)
             .around(move |next, request| limit_body(next, request, max_body_bytes))
             .data(Arc::new(state))
-            .catch_all_error(|err| async move { Error::from_poem(&err).as_response() }),
+            .around(|next, request| async move {
+                let path = request.uri().path().to_owned();
+                Ok(match next.call(request).await {
+                    Ok(response) => response.into_response(),
+                    Err(err) => error_response(&err, &path),
+                })
+            }),
     );
     // Origins were checked before this runs, so poem's CORS only has to answer.
     let cross_origin = Arc::new(
@@ -91,6 +98,23 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
         .with(RequestId)
         .into_endpoint()
         .boxed()
+}
+
+/// Every error as `{"error": {"code", "message"}}`, with the `Allow` header a 405 owes.
+fn error_response(err: &poem::Error, path: &str) -> Response {
+    let error = Error::from_poem(err);
+    let mut response = error.as_response();
+    if let Error::MethodNotAllowed(_) = error {
+        let allowed = match path {
+            "/invoke" => "POST",
+            "/stream" => "GET, POST",
+            _ => "GET",
+        };
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+    }
+    response
 }
 
 /// Prometheus text format.

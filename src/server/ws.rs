@@ -11,7 +11,7 @@ use poem::{
         websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream},
     },
 };
-use poem_openapi::types::{ParseFromJSON, ToJSON};
+use poem_openapi::types::ToJSON;
 use serde::Deserialize;
 
 use tokio_util::sync::CancellationToken;
@@ -179,7 +179,7 @@ impl Session {
                     let span = tracing::info_span!(
                         "ws_prompt",
                         request_id = %uuid::Uuid::new_v4(),
-                        model = request.model.as_deref().unwrap_or_default(),
+                        model = %request.model,
                         key = self.caller.id(),
                     );
                     async {
@@ -300,10 +300,12 @@ impl Session {
                 )));
             }
         }
-        let mut request = GenerateRequest::parse_from_json(Some(value))
-            .map_err(|err| invalid(err.into_message()))?;
-        request.model.get_or_insert_with(|| self.model.clone());
-        Ok(Some(request))
+        object
+            .entry("model")
+            .or_insert_with(|| serde_json::Value::String(self.model.clone()));
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|err| invalid(format!("invalid request: {err}")))
     }
 
     /// Sends one answer while watching the socket: a close ends everything (and drops the

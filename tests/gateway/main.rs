@@ -10,6 +10,7 @@ mod faults;
 mod invoke;
 mod limits;
 mod operations;
+mod schema;
 mod service;
 mod sse;
 mod ws;
