@@ -12,5 +12,6 @@ mod limits;
 mod operations;
 mod schema;
 mod service;
+mod soak;
 mod sse;
 mod ws;
