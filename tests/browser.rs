@@ -155,10 +155,19 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
     let failures: Vec<String> = outcomes
         .iter()
         .filter(|outcome| !outcome.passed)
-        .map(|outcome| format!("{}:\n{}", outcome.name, outcome.error.as_deref().unwrap_or("")))
+        .map(|outcome| {
+            format!(
+                "{}:\n{}",
+                outcome.name,
+                outcome.error.as_deref().unwrap_or("")
+            )
+        })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    let ran: Vec<&str> = outcomes.iter().map(|outcome| outcome.name.as_str()).collect();
+    let ran: Vec<&str> = outcomes
+        .iter()
+        .map(|outcome| outcome.name.as_str())
+        .collect();
     assert_eq!(ran, SCENARIOS, "the scenarios that ran");
 
     // The page sent the conversation, the system prompt and the settings the user typed.
@@ -189,7 +198,10 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
         .iter()
         .filter(|request| request.model_id == SLOW_ID)
         .count();
-    assert_eq!(slow_calls, 3, "stop over WS and SSE, and the lost connection");
+    assert_eq!(
+        slow_calls, 3,
+        "stop over WS and SSE, and the lost connection"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while emulator.open_streams() > 0 {
         assert!(
@@ -208,7 +220,9 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
     assert_eq!(closed_by_client, slow_calls);
     eprintln!(
         "screenshots: {}",
-        screenshots.join("chat-{desktop,phone}-{light,dark}.png").display()
+        screenshots
+            .join("chat-{desktop,phone}-{light,dark}.png")
+            .display()
     );
 }
 

@@ -11,10 +11,26 @@ use crate::error::Error;
 
 /// Name under `/ui/`, content type, contents.
 const FILES: &[(&str, &str, &str)] = &[
-    ("app.js", "text/javascript; charset=utf-8", include_str!("ui/app.js")),
-    ("transport.js", "text/javascript; charset=utf-8", include_str!("ui/transport.js")),
-    ("markdown.js", "text/javascript; charset=utf-8", include_str!("ui/markdown.js")),
-    ("style.css", "text/css; charset=utf-8", include_str!("ui/style.css")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("ui/app.js"),
+    ),
+    (
+        "transport.js",
+        "text/javascript; charset=utf-8",
+        include_str!("ui/transport.js"),
+    ),
+    (
+        "markdown.js",
+        "text/javascript; charset=utf-8",
+        include_str!("ui/markdown.js"),
+    ),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("ui/style.css"),
+    ),
     ("icon.svg", "image/svg+xml", include_str!("ui/icon.svg")),
 ];
 
@@ -27,7 +43,10 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; object-src 'none'; ba
 /// nested at `/`, and poem lets a nest's catch-all win over a route at exactly `/`.
 pub async fn page_at_root<E: Endpoint>(next: E, request: Request) -> poem::Result<Response> {
     if request.uri().path() == "/" && [Method::GET, Method::HEAD].contains(request.method()) {
-        return Ok(file("text/html; charset=utf-8", include_str!("ui/index.html")));
+        return Ok(file(
+            "text/html; charset=utf-8",
+            include_str!("ui/index.html"),
+        ));
     }
     next.call(request).await.map(IntoResponse::into_response)
 }

@@ -171,7 +171,9 @@ function run(turn) {
         meta.textContent = `stopped after ${seconds(performance.now() - turn.sentAt)}`;
         return;
       }
-      problem.append(element("p", "", describe(error)));
+      const explanation = element("p");
+      explanation.append(element("strong", "", plainWords(error)), element("small", "", details(error)));
+      problem.append(explanation);
       const retry = element("button", "secondary retry", "Retry");
       retry.type = "button";
       retry.onclick = () => current || run(turn);
@@ -210,10 +212,16 @@ function seconds(ms) {
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 
+function plainWords(error) {
+  return PLAIN_WORDS[error?.code] ?? "Something went wrong.";
+}
+
+function details(error) {
+  return [error?.code, error?.message].filter(Boolean).join(": ");
+}
+
 function describe(error) {
-  const code = error?.code ?? "connection_failed";
-  const plain = PLAIN_WORDS[code] ?? "Something went wrong.";
-  return error?.message ? `${plain} (${code}: ${error.message})` : plain;
+  return details(error) ? `${plainWords(error)} (${details(error)})` : plainWords(error);
 }
 
 function notice(text) {
