@@ -17,6 +17,7 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use app::spawn_app_with;
 use emulator::{NativeStop, Scenario, StreamEnd};
@@ -37,7 +38,7 @@ const ECHO_PIECES: [&str; 5] = [
 ];
 
 /// Every scenario `browser-tests.mjs` runs; each states one thing a user would check.
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "page_loads_without_console_errors",
     "websocket_answer_streams_in_and_shows_figures",
     "sse_answer_streams_in_and_shows_figures",
@@ -46,6 +47,7 @@ const SCENARIOS: [&str; 11] = [
     "upstream_error_shows_in_the_conversation_with_retry",
     "error_midway_over_sse_keeps_the_partial_answer",
     "lost_websocket_reconnects_and_retry_answers",
+    "api_key_is_asked_for_and_kept_for_the_tab_only",
     "model_markup_is_shown_as_text",
     "screenshots_desktop_and_phone_light_and_dark",
     "swagger_ui_try_it_out_invokes_a_model",
@@ -67,6 +69,20 @@ fn registry(emulator_url: &str) -> String {
         )
     })
     .collect()
+}
+
+/// The key of the second gateway, which has API keys configured.
+const API_KEY: &str = "mg-browser-test-key";
+
+fn registry_with_api_key(emulator_url: &str) -> String {
+    let sha256 = Sha256::digest(API_KEY.as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<String>();
+    format!(
+        "{}[[api_keys]]\nid = \"browser\"\nsha256 = \"{sha256}\"\n",
+        registry(emulator_url)
+    )
 }
 
 fn pieces(pieces: &[&str], pace: Duration) -> Scenario {
@@ -124,14 +140,21 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
         ),
     );
 
+    let keyed = spawn_app_with(registry_with_api_key, true).await;
+    keyed
+        .emulator
+        .script(ECHO_ID, pieces(&ECHO_PIECES, Duration::from_millis(100)));
+
     let screenshots = screenshot_dir();
     let output = tokio::time::timeout(
         Duration::from_secs(300),
         tokio::process::Command::new("node")
             .arg(&script)
             .arg(&app.url)
+            .arg(&keyed.url)
             .arg(&screenshots)
             .env("CHROMIUM", CHROMIUM)
+            .env("API_KEY", API_KEY)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -1,7 +1,7 @@
 // Browser scenarios for the chat page and Swagger UI, run by tests/browser.rs against a real
 // gateway backed by the Bedrock emulator, in Debian's Chromium driven by playwright-core.
 //
-//   node browser-tests.mjs BASE_URL SCREENSHOT_DIR
+//   node browser-tests.mjs BASE_URL KEYED_URL SCREENSHOT_DIR   (env API_KEY: KEYED_URL's key)
 //
 // One browser for every scenario (starting Chromium costs seconds); each scenario gets its own
 // browser context. Prints one JSON line: [{name, passed, error?}] for the Rust test to assert.
@@ -13,7 +13,8 @@ import net from "node:net";
 import path from "node:path";
 import { chromium } from "playwright-core";
 
-const [base, screenshots] = process.argv.slice(2);
+// KEYED_URL is a second gateway, which wants the API key API_KEY.
+const [base, keyed, screenshots] = process.argv.slice(2);
 const origin = new URL(base).origin;
 const WAIT_MS = 20_000;
 
@@ -238,6 +239,35 @@ const scenarios = {
     assert.deepEqual(seen.offHost, []);
     await context.close();
     await proxy.close();
+  },
+
+  async api_key_is_asked_for_and_kept_for_the_tab_only() {
+    const { page, seen, context } = await open({}, new URL(keyed).origin);
+    await page.goto(keyed);
+    await waitForText(page, "#connection", "API key needed");
+    assert.equal(await page.evaluate(() => document.activeElement.id), "api_key", "the key field is offered");
+    await send(page, "Hello?");
+    await waitForStatus(page, "failed");
+    await waitForText(page, `${lastAnswer} .problem`, "The gateway needs a valid API key");
+    await page.fill("#api_key", process.env.API_KEY);
+    await page.press("#api_key", "Tab");
+    await waitForText(page, "#connection", "connected (WebSocket)");
+    await page.click(`${lastAnswer} .retry`);
+    await waitForStatus(page, "done");
+    await expectFinishedAnswer(page);
+    await page.check('input[name="transport"][value="sse"]');
+    await send(page, "And over SSE?");
+    await waitForStatus(page, "done");
+    await expectFinishedAnswer(page);
+    await page.reload();
+    await waitForText(page, "#connection", "connected (WebSocket)");
+    assert.equal(await page.evaluate(() => localStorage.length), 0, "nothing outlives the session");
+    const otherTab = await context.newPage();
+    await otherTab.goto(keyed);
+    await waitForText(otherTab, "#connection", "API key needed");
+    assert.equal(await otherTab.inputValue("#api_key"), "");
+    assert.deepEqual(seen.offHost, []);
+    await context.close();
   },
 
   async model_markup_is_shown_as_text() {

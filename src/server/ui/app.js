@@ -48,11 +48,37 @@ const ws = new WsTransport(
     return `${scheme}//${location.host}/ws/model?model=${encodeURIComponent(ui.model.value)}`;
   },
   () => (apiKey() ? [SUBPROTOCOL, `bearer.${apiKey()}`] : [SUBPROTOCOL]),
-  (state, text) => {
+  (state, text, refusal) => {
     ui.connection.dataset.state = state;
-    ui.connection.textContent = text;
+    ui.connection.textContent = refusal?.code === "unauthorized" ? "API key needed" : text;
+    if (refusal?.code === "unauthorized") askForApiKey();
   },
+  whyRefused,
 );
+
+/**
+ * Why the WebSocket handshake failed, which browsers do not tell: an /invoke with an empty
+ * conversation passes the same origin and API-key checks, then is refused without calling
+ * any model.
+ */
+async function whyRefused() {
+  try {
+    const response = await fetch("/invoke", {
+      method: "POST",
+      headers: { "content-type": "application/json", ...authHeaders() },
+      body: JSON.stringify({ model: ui.model.value, messages: [] }),
+    });
+    if (response.status === 401 || response.status === 403) return (await response.json()).error;
+  } catch {
+    // Unreachable: retrying is the answer.
+  }
+  return null;
+}
+
+function askForApiKey() {
+  ui.settings.open = true;
+  ui.apiKey.focus();
+}
 
 function apiKey() {
   return sessionStorage.getItem(API_KEY_ITEM) ?? "";
@@ -75,7 +101,7 @@ async function loadModels() {
     models = body.models;
   } catch (error) {
     notice(`Could not list the models: ${describe(error)}`);
-    if (error?.code === "unauthorized") ui.settings.open = true;
+    if (error?.code === "unauthorized") askForApiKey();
     return;
   }
   ui.model.replaceChildren(
@@ -178,7 +204,7 @@ function run(turn) {
       retry.type = "button";
       retry.onclick = () => current || run(turn);
       problem.append(retry);
-      if (error.code === "unauthorized") ui.settings.open = true;
+      if (error.code === "unauthorized") askForApiKey();
     },
   };
   current = {

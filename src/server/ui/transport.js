@@ -14,14 +14,19 @@ export class WsTransport {
   /**
    * @param {() => string} url the /ws/model URL to open
    * @param {() => string[]} protocols subprotocols to offer
-   * @param {(state: string, text: string) => void} onStatus connection state for the page
+   * @param {(state: string, text: string, refusal?: object) => void} onStatus connection state
+   * @param {() => Promise<object | null>} diagnose why a handshake failed: browsers hide the
+   *   HTTP answer of a refused handshake. An error (e.g. `unauthorized`) stops the retries
+   *   until `restart()`; `null` means the gateway was unreachable, and retrying helps.
    */
-  constructor(url, protocols, onStatus) {
+  constructor(url, protocols, onStatus, diagnose) {
     this.url = url;
     this.protocols = protocols;
     this.onStatus = onStatus;
+    this.diagnose = diagnose;
     this.socket = null;
     this.opening = null;
+    this.refusal = null;
     this.active = null;
     this.failures = 0;
     this.retryTimer = null;
@@ -38,7 +43,9 @@ export class WsTransport {
     const socket = this.socket;
     this.socket = null;
     this.opening = null;
-    this.fail("connection_lost", "the WebSocket was closed before the answer was complete");
+    this.refusal = null;
+    this.failures = 0;
+    this.fail({ code: "connection_lost", message: "the WebSocket was closed before the answer was complete" });
     socket?.close(1000);
     this.onStatus("closed", "");
   }
@@ -56,11 +63,7 @@ export class WsTransport {
         this.active = handlers;
         socket.send(JSON.stringify(request));
       },
-      () =>
-        handlers.error({
-          code: "connection_failed",
-          message: "the WebSocket to the gateway could not be opened",
-        }),
+      (error) => handlers.error(error),
     );
     return {
       cancel: () => {
@@ -69,31 +72,44 @@ export class WsTransport {
     };
   }
 
-  /** Resolves with an open socket, connecting if needed. */
+  /** Resolves with an open socket, connecting if needed; rejects with an error object. */
   open() {
     if (this.socket?.readyState === WebSocket.OPEN) return Promise.resolve(this.socket);
     if (this.opening) return this.opening;
+    if (this.refusal) return Promise.reject(this.refusal);
     clearTimeout(this.retryTimer);
     this.onStatus("connecting", "connecting…");
-    this.opening = new Promise((resolve, reject) => {
+    const opening = new Promise((resolve, reject) => {
       const socket = new WebSocket(this.url(), this.protocols());
       this.socket = socket;
+      let opened = false;
       socket.onopen = () => {
+        opened = true;
         this.opening = null;
         this.failures = 0;
         this.onStatus("connected", "connected (WebSocket)");
         resolve(socket);
       };
       socket.onmessage = (message) => this.deliver(JSON.parse(message.data));
-      socket.onclose = () => {
-        reject(new Error("the WebSocket closed")); // no effect once opened
-        if (this.socket !== socket) return; // replaced or stopped on purpose
+      socket.onclose = async () => {
+        const unreachable = { code: "connection_failed", message: "the WebSocket to the gateway could not be opened" };
+        if (this.socket !== socket) return reject(unreachable); // stopped on purpose
         this.socket = null;
+        if (opened) return this.lost();
+        const refusal = await this.diagnose();
+        if (this.opening !== opening) return reject(refusal ?? unreachable); // restarted meanwhile
         this.opening = null;
+        if (refusal) {
+          this.refusal = refusal;
+          this.onStatus("refused", `refused (${refusal.code})`, refusal);
+          return reject(refusal);
+        }
+        reject(unreachable);
         this.lost();
       };
     });
-    return this.opening;
+    this.opening = opening;
+    return opening;
   }
 
   deliver(frame) {
@@ -105,19 +121,19 @@ export class WsTransport {
     else handlers.error(frame.error);
   }
 
-  /** The socket closed or never opened: fail the answer in flight and retry with backoff. */
+  /** The connection dropped or could not be made: fail the answer in flight, retry later. */
   lost() {
-    this.fail("connection_lost", "the connection to the gateway was lost before the answer was complete");
+    this.fail({ code: "connection_lost", message: "the connection to the gateway was lost before the answer was complete" });
     const delay = Math.min(FIRST_RETRY_MS * 2 ** this.failures, LONGEST_RETRY_MS);
     this.failures += 1;
     this.onStatus("offline", `disconnected, retrying in ${Math.ceil(delay / 1000)} s`);
     this.retryTimer = setTimeout(() => this.open().catch(() => {}), delay);
   }
 
-  fail(code, message) {
+  fail(error) {
     const handlers = this.active;
     this.active = null;
-    handlers?.error({ code, message });
+    handlers?.error(error);
   }
 }
 
