@@ -14,3 +14,13 @@ if ! "$tools/venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHES
   python3 -m venv "$tools/venv"
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
+
+# Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
+# chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
+if ! command -v chromium >/dev/null; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)

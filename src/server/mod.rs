@@ -5,6 +5,7 @@ mod connection;
 mod events;
 mod json_body;
 mod origin;
+mod ui;
 mod ws;
 
 use std::{sync::Arc, time::Duration};
@@ -56,11 +57,13 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
     let origins = state.origins.clone();
     let routes = Arc::new(
         Route::new()
+            .at("/ui/:file", get(ui::asset))
             .at("/ws/model", get(ws::ws_model))
             .at("/metrics", get(metrics))
             .nest("/docs", docs)
             .at("/openapi.json", spec)
             .nest("/", api)
+            .around(ui::page_at_root)
             .around(move |next, request| limit_body(next, request, max_body_bytes))
             .data(Arc::new(state))
             .around(|next, request| async move {
