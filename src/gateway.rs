@@ -71,7 +71,7 @@ impl Gateway {
         caller: &Caller,
         client_gone: &CancellationToken,
     ) -> Result<(Arc<Model>, Completion, Duration)> {
-        let (model, request) = self.registry.prepare(request)?;
+        let (model, request) = self.registry.prepare(request, caller.id())?;
         let _permits = self.admit(&model, caller, false)?;
         let _in_flight = self.shutdown.work.token();
         let started = Instant::now();
@@ -111,7 +111,7 @@ impl Gateway {
         transport: Transport,
         client_gone: &CancellationToken,
     ) -> Result<Generation> {
-        let (model, request) = self.registry.prepare(request)?;
+        let (model, request) = self.registry.prepare(request, caller.id())?;
         let permits = self.admit(&model, caller, true)?;
         let started = Instant::now();
         let settings = model.spec.upstream;

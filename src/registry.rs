@@ -82,9 +82,13 @@ impl Registry {
     }
 
     /// Looks the model up and validates the request against its limits.
-    pub fn prepare(&self, request: GenerateRequest) -> Result<(Arc<Model>, ValidRequest)> {
+    pub fn prepare(
+        &self,
+        request: GenerateRequest,
+        caller: &str,
+    ) -> Result<(Arc<Model>, ValidRequest)> {
         let model = self.get(&request.model)?.clone();
-        let valid = request.validate(&model.spec.limits)?;
+        let valid = request.validate(&model.spec.limits, caller)?;
         Ok((model, valid))
     }
 

@@ -83,6 +83,8 @@ pub struct Limits {
 /// parameters in range, defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
+    /// The API key id of the caller (`none` on an open gateway), for accounting.
+    pub caller: String,
     pub system: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub max_tokens: u32,
@@ -101,7 +103,7 @@ impl GenerateRequest {
         }
     }
 
-    pub fn validate(self, limits: &Limits) -> Result<ValidRequest> {
+    pub fn validate(self, limits: &Limits, caller: &str) -> Result<ValidRequest> {
         let invalid = |message: String| Err(Error::InvalidRequest(message));
         let messages = match (self.prompt, self.messages) {
             (Some(_), Some(_)) => {
@@ -165,6 +167,7 @@ impl GenerateRequest {
             return invalid("`stop` sequences must not be empty".into());
         }
         Ok(ValidRequest {
+            caller: caller.to_owned(),
             system: self.system.filter(|system| !system.is_empty()),
             messages,
             max_tokens,
@@ -221,13 +224,13 @@ mod tests {
     }
 
     fn error_of(request: GenerateRequest) -> String {
-        request.validate(&LIMITS).unwrap_err().to_string()
+        request.validate(&LIMITS, "k").unwrap_err().to_string()
     }
 
     #[test]
     fn a_prompt_becomes_one_user_message_with_the_model_defaults() {
         let valid = GenerateRequest::prompt("m", "Hi")
-            .validate(&LIMITS)
+            .validate(&LIMITS, "k")
             .unwrap();
         assert_eq!(valid.messages, vec![message(Role::User, "Hi")]);
         assert_eq!(valid.max_tokens, 512);
@@ -292,7 +295,7 @@ mod tests {
     #[test]
     fn long_conversations_and_inputs_are_too_large() {
         let long = GenerateRequest::prompt("m", "x".repeat(101));
-        let err = long.validate(&LIMITS).unwrap_err();
+        let err = long.validate(&LIMITS, "k").unwrap_err();
         assert_eq!(err.code(), "too_large");
         let turns = [Role::User, Role::Assistant, Role::User, Role::Assistant]
             .map(|role| message(role, "hi"));

@@ -93,13 +93,15 @@ pub async fn spawn_app_env(
         let mut lines = BufReader::new(stderr).lines();
         let mut address_tx = Some(address_tx);
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = line
-                .split_whitespace()
-                .find(|word| word.starts_with("http://"))
-                .filter(|_| line.contains("listening on"))
+            if let Some((_, rest)) = line.split_once("listening on http://")
                 && let Some(tx) = address_tx.take()
             {
-                let _ = tx.send(url.to_owned());
+                // The address ends where the text or JSON log line goes on.
+                let address: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
+                    .collect();
+                let _ = tx.send(format!("http://{address}"));
             }
             collected.lock().unwrap().push(line);
         }

@@ -1,4 +1,4 @@
-//! Running it: metrics, CORS, graceful shutdown.
+//! Running it: metrics, logs, CORS, graceful shutdown.
 
 use std::time::Duration;
 
@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
 use crate::app::{
-    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_with, sse_events,
+    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_env, spawn_app_with,
+    sse_events,
 };
 use crate::emulator::{NativeStop, Scenario};
 use crate::ws::{connect, connect_json, next_json};
@@ -41,6 +42,60 @@ async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format(
             "missing `{expected}` in:\n{metrics}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_answer_that_fails_midway_still_counts_the_tokens_generated() {
+    let app = spawn_app().await;
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::ExceptionAfter {
+            pieces: vec!["one".into(), " two".into()],
+            exception_type: "modelStreamErrorException".into(),
+            message: "broke".into(),
+        },
+    );
+    let events = all_sse_events(app.get("/stream?model=llama3&prompt=hi").await).await;
+    assert_eq!(events.last().unwrap().event, "error");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for expected in [
+        r#"modelgate_tokens_total{model="llama3",key="none",direction="input"} 7"#,
+        r#"modelgate_tokens_total{model="llama3",key="none",direction="output"} 2"#,
+        r#"modelgate_upstream_errors_total{model="llama3",code="upstream_error"} 1"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing `{expected}` in:\n{metrics}"
+        );
+    }
+    assert!(app.logs().contains("usage so far"), "{}", app.logs());
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
+    let app = spawn_app_env(registry, true, &[("MODELGATE_LOG_FORMAT", "json")]).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/invoke", app.url))
+        .header("x-request-id", "json-log-check")
+        .json(&json!({"model": "llama3", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let logs = app.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let answered = lines
+        .iter()
+        .find(|line| {
+            line["fields"]["message"] == "answered"
+                && line["span"]["request_id"] == "json-log-check"
+        })
+        .unwrap_or_else(|| panic!("no `answered` line for the request: {logs}"));
+    assert_eq!(answered["fields"]["status"], 200);
+    assert_eq!(answered["span"]["path"], "/invoke");
 }
 
 #[tokio::test]

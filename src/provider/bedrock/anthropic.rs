@@ -141,9 +141,13 @@ impl StreamDecoder {
         Ok(match parse_json(payload)? {
             StreamEvent::MessageStart { message } => {
                 self.usage.input_tokens = message.usage.input_tokens;
+                self.usage.output_tokens = 0;
                 vec![]
             }
             StreamEvent::ContentBlockDelta { delta } if !delta.text.is_empty() => {
+                // Claude reports its output count only at the end; until then each text
+                // delta counts as (at least) one token.
+                self.usage.output_tokens += 1;
                 vec![Chunk::Text(delta.text)]
             }
             StreamEvent::MessageDelta { delta, usage } => {
@@ -160,6 +164,10 @@ impl StreamDecoder {
             StreamEvent::ContentBlockDelta { .. } | StreamEvent::Other => vec![],
         })
     }
+
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +178,7 @@ mod tests {
     #[test]
     fn the_body_is_a_messages_api_request_for_bedrock() {
         let request = ValidRequest {
+            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![ChatMessage {
                 role: Role::User,

@@ -140,6 +140,10 @@ impl StreamDecoder {
         Ok(chunks)
     }
 
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
     fn done(&self, stop_reason: StopReason) -> Chunk {
         Chunk::Done(Finish {
             stop_reason,
@@ -161,6 +165,7 @@ mod tests {
 
     fn request(stop: &[&str]) -> ValidRequest {
         ValidRequest {
+            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![
                 ChatMessage {

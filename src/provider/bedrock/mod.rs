@@ -30,6 +30,7 @@ use crate::{
     config::{BedrockSpec, UpstreamSettings},
     error::{Error, Result},
     request::ValidRequest,
+    telemetry,
 };
 
 /// The region used when neither the model entry, `AWS_REGION` nor the AWS profile names one.
@@ -110,6 +111,14 @@ impl StreamDecoder {
         match self {
             StreamDecoder::Llama3(decoder) => decoder.decode(payload),
             StreamDecoder::Anthropic(decoder) => decoder.decode(payload),
+        }
+    }
+
+    /// The tokens the model has reported so far.
+    fn usage(&self) -> Usage {
+        match self {
+            StreamDecoder::Llama3(decoder) => decoder.usage(),
+            StreamDecoder::Anthropic(decoder) => decoder.usage(),
         }
     }
 }
@@ -261,24 +270,36 @@ impl Provider for BedrockProvider {
         // Dropping this stream drops `events` and with it the HTTP response: the upstream
         // connection closes and Bedrock stops generating.
         Ok(async_stream::try_stream! {
-            loop {
-                match events.recv().await.map_err(|err| stream_error(err, &name))? {
-                    Some(ResponseStream::Chunk(part)) => {
-                        let payload = part.bytes.as_ref().map(Blob::as_ref).unwrap_or_default();
-                        for chunk in decoder.decode(payload)? {
-                            let done = matches!(chunk, Chunk::Done(_));
-                            yield chunk;
-                            if done {
-                                return;
-                            }
-                        }
-                    }
-                    Some(_) => continue,
-                    None => Err(Error::Upstream(format!(
+            let failure = loop {
+                let payload = match events.recv().await {
+                    Ok(Some(ResponseStream::Chunk(part))) => part.bytes,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break Error::Upstream(format!(
                         "Bedrock ended the stream for model `{name}` before the answer was complete"
-                    )))?,
+                    )),
+                    Err(err) => break stream_error(err, &name),
+                };
+                let chunks = match decoder.decode(payload.as_ref().map(Blob::as_ref).unwrap_or_default()) {
+                    Ok(chunks) => chunks,
+                    Err(err) => break err,
+                };
+                for chunk in chunks {
+                    let done = matches!(chunk, Chunk::Done(_));
+                    yield chunk;
+                    if done {
+                        return;
+                    }
                 }
-            }
+            };
+            // The part that was generated is still paid for: count what the model reported.
+            let usage = decoder.usage();
+            tracing::warn!(
+                input_tokens = usage.input_tokens,
+                output_tokens = usage.output_tokens,
+                "the answer of model `{name}` failed midway; usage so far"
+            );
+            telemetry::count_tokens(&name, &request.caller, usage);
+            Err(failure)?;
         }
         .boxed())
     }
