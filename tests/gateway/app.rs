@@ -15,7 +15,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::emulator::Emulator;
+use crate::emulator::{Emulator, StreamEnd};
 
 pub const LLAMA_ID: &str = "meta.llama3-70b-instruct-v1:0";
 pub const CLAUDE_ID: &str = "anthropic.claude-3-haiku-20240307-v1:0";
@@ -205,6 +205,20 @@ impl App {
             .find_map(|line| line.strip_prefix("VmRSS:"))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Asserts that the one upstream stream the test opened was closed by the gateway
+    /// (the client side of it went away) within a second.
+    pub async fn assert_upstream_closed_within_a_second(&self) {
+        let ends = self
+            .emulator
+            .wait_streams_ended(1, Duration::from_secs(1))
+            .await;
+        assert!(
+            matches!(ends[0], StreamEnd::ClientClosed { .. }),
+            "{ends:?}"
+        );
+        assert_eq!(self.emulator.open_streams(), 0);
     }
 
     /// Everything the gateway has logged so far.

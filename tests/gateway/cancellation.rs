@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::app::{App, LLAMA_ID, spawn_app, sse_events};
-use crate::emulator::{Scenario, StreamEnd};
+use crate::emulator::Scenario;
 
 /// Waits until the emulator is serving one stream (or one stalled Invoke).
 async fn upstream_open(app: &App) {
@@ -18,18 +18,6 @@ async fn upstream_open(app: &App) {
     })
     .await
     .expect("the upstream call started");
-}
-
-async fn assert_upstream_closed_within_a_second(app: &App) {
-    let ends = app
-        .emulator
-        .wait_streams_ended(1, Duration::from_secs(1))
-        .await;
-    assert!(
-        matches!(ends[0], StreamEnd::ClientClosed { .. }),
-        "{ends:?}"
-    );
-    assert_eq!(app.emulator.open_streams(), 0);
 }
 
 #[tokio::test]
@@ -49,7 +37,7 @@ async fn an_invoke_client_that_leaves_stops_the_upstream_call() {
     });
     upstream_open(&app).await;
     request.abort();
-    assert_upstream_closed_within_a_second(&app).await;
+    app.assert_upstream_closed_within_a_second().await;
 }
 
 #[tokio::test]
@@ -63,7 +51,7 @@ async fn an_sse_client_that_leaves_before_the_first_token_stops_the_upstream_cal
     )));
     upstream_open(&app).await;
     request.abort();
-    assert_upstream_closed_within_a_second(&app).await;
+    app.assert_upstream_closed_within_a_second().await;
 }
 
 #[tokio::test]
@@ -79,7 +67,7 @@ async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_
     let mut events = sse_events(response);
     assert_eq!(events.next().await.unwrap().data["text"], "thinking...");
     drop(events);
-    assert_upstream_closed_within_a_second(&app).await;
+    app.assert_upstream_closed_within_a_second().await;
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains(r#"modelgate_cancellations_total{reason="client_gone"} 1"#),

@@ -10,7 +10,7 @@ use tokio_tungstenite::{
 };
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, registry, spawn_app, spawn_app_with};
-use crate::emulator::{NativeStop, Scenario, StreamEnd};
+use crate::emulator::{NativeStop, Scenario};
 
 pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -293,14 +293,7 @@ async fn json_mode_cancel_stops_the_generation_and_closes_the_upstream_stream() 
             break;
         }
     }
-    let ends = app
-        .emulator
-        .wait_streams_ended(1, Duration::from_secs(1))
-        .await;
-    assert!(
-        matches!(ends[0], StreamEnd::ClientClosed { .. }),
-        "{ends:?}"
-    );
+    app.assert_upstream_closed_within_a_second().await;
 
     app.emulator.script(LLAMA_ID, Scenario::reply(&["next"]));
     socket
@@ -322,14 +315,7 @@ async fn closing_the_socket_mid_stream_closes_the_upstream_stream_within_a_secon
     next_text(&mut socket).await;
     socket.close(None).await.unwrap();
     drop(socket);
-    let ends = app
-        .emulator
-        .wait_streams_ended(1, Duration::from_secs(1))
-        .await;
-    assert!(
-        matches!(ends[0], StreamEnd::ClientClosed { .. }),
-        "{ends:?}"
-    );
+    app.assert_upstream_closed_within_a_second().await;
 }
 
 #[tokio::test]
