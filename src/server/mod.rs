@@ -17,11 +17,12 @@ use poem::{
     error::{ReadBodyError, ResponseError},
     get, handler,
     http::{Method, header},
-    listener::{Acceptor, Listener, TcpListener},
+    listener::{Acceptor, TcpAcceptor},
     middleware::Cors,
     web::Data,
 };
 use poem_openapi::OpenApiService;
+use tokio::net::TcpSocket;
 
 pub use origin::OriginPolicy;
 
@@ -163,8 +164,7 @@ async fn limit_body<E: Endpoint>(
 /// with 503 (and `/healthz` says `draining`, so load balancers move on) while the work in
 /// flight has `shutdown_grace` to finish; what is left then is ended, and the server stops.
 pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
-    let acceptor =
-        connection::WatchedAcceptor::new(TcpListener::bind(listen).into_acceptor().await?);
+    let acceptor = connection::WatchedAcceptor::new(bind(listen).await?);
     for addr in acceptor.local_addr() {
         if let Some(addr) = addr.as_socket_addr() {
             tracing::info!(%addr, "modelgate listening on http://{addr}");
@@ -191,6 +191,27 @@ pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
     let _ = tokio::time::timeout(CLOSE_MARGIN, gateway.shutdown.work.wait()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds `listen` with Nagle's algorithm off. Accepted connections inherit TCP_NODELAY from
+/// the listener (Linux), so every SSE event and WebSocket frame leaves at once instead of
+/// waiting for the client's ACK of the one before.
+async fn bind(listen: &str) -> std::io::Result<TcpAcceptor> {
+    let addr = tokio::net::lookup_host(listen)
+        .await?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+        })?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    TcpAcceptor::from_tokio(socket.listen(1024)?)
 }
 
 async fn shutdown_signal() {
