@@ -11,7 +11,6 @@ use poem::{
         websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream},
     },
 };
-use poem_openapi::types::ToJSON;
 use serde::Deserialize;
 
 use tokio_util::sync::CancellationToken;
@@ -29,6 +28,8 @@ use crate::{
 };
 
 pub const JSON_SUBPROTOCOL: &str = "modelgate.v1";
+/// Initial read buffer of a WebSocket connection.
+const READ_BUFFER: usize = 4096;
 /// Prompts a client may send ahead while one is being answered; more is refused.
 const MAX_QUEUED_PROMPTS: usize = 16;
 
@@ -115,8 +116,11 @@ pub async fn ws_model(
     Ok(ws
         .protocols(protocols)
         // tungstenite's own limit only bounds memory; the session closes with 1009 at `limit`.
+        // Its default 128 KiB read buffer is allocated and zeroed per connection up front;
+        // prompts are small (the buffer grows for a larger one) and idle connections many.
         .config(
             WebSocketConfig::default()
+                .read_buffer_size(READ_BUFFER)
                 .max_message_size(Some(limit.saturating_mul(2)))
                 .max_frame_size(Some(limit.saturating_mul(2))),
         )
@@ -385,7 +389,7 @@ type Incomings = futures_util::stream::SplitStream<WebSocketStream>;
 /// (`done` sends nothing) and reports errors as a message beginning `error: `.
 async fn send(sink: &mut Sink, event: StreamEvent, framing: Framing) -> Forwarded {
     let message = match (framing, event) {
-        (Framing::Json, event) => Message::Text(event.to_json_string()),
+        (Framing::Json, event) => Message::Text(event.json()),
         (_, StreamEvent::Done(_)) => return Forwarded::Finished,
         (Framing::Text, StreamEvent::Chunk(piece)) => Message::Text(piece.text),
         (Framing::Binary, StreamEvent::Chunk(piece)) => Message::Binary(piece.text.into_bytes()),
