@@ -147,7 +147,14 @@ impl Bench {
                 }
             }
         }
-        let profile = if sections.contains(&Section::Profile) {
+        let valgrind = std::process::Command::new("valgrind")
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if sections.contains(&Section::Profile) && !valgrind {
+            eprintln!("profile: skipped, valgrind is missing (apt-get install valgrind)");
+        }
+        let profile = if sections.contains(&Section::Profile) && valgrind {
             eprintln!("profile: the gateway under callgrind");
             let profile = profile::run(&self.binary, &mock).await?;
             self.record_profile(&profile);
