@@ -11,6 +11,8 @@ mod invoke;
 mod limits;
 mod operations;
 mod schema;
+#[cfg(feature = "local")]
+mod local;
 mod service;
 mod soak;
 mod sse;
