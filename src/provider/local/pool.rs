@@ -103,7 +103,11 @@ mod tests {
 
     #[test]
     fn a_panicking_job_does_not_take_its_worker_down() {
-        let pool = Pool::start("test", vec![|job: Option<Sender<()>>| job.unwrap().send(()).unwrap()], 2);
+        let pool = Pool::start(
+            "test",
+            vec![|job: Option<Sender<()>>| job.unwrap().send(()).unwrap()],
+            2,
+        );
         pool.submit(None).unwrap();
         let (done, done_rx) = channel();
         pool.submit(Some(done)).unwrap();

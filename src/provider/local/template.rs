@@ -37,9 +37,12 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         // Python string methods (`.strip()`, `.startswith()`, ...) that templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-        });
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, source)?;
         Ok(Self {
             env,
@@ -134,7 +137,9 @@ mod tests {
 
     #[test]
     fn without_a_system_prompt_the_template_adds_its_own() {
-        let prompt = smollm2().render(&request(None, &[(Role::User, "Hi")])).unwrap();
+        let prompt = smollm2()
+            .render(&request(None, &[(Role::User, "Hi")]))
+            .unwrap();
         assert_eq!(
             prompt,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -146,11 +151,19 @@ mod tests {
     #[test]
     fn templates_use_python_string_methods_bos_token_and_jinja_whitespace_control() {
         // The shape of Llama 2 / Mistral templates: bos_token, .strip(), {%- -%} and blocks
-        // on their own lines (trim_blocks and lstrip_blocks, as in transformers).
+        // on their own lines (trim_blocks and lstrip_blocks, as in transformers). The expected
+        // text is what Python's jinja2 3.1 renders with transformers' options.
         let source = "{{ bos_token }}\n{% for message in messages %}\n    {% if message['role'] == 'user' %}\n[INST] {{ message['content'].strip() }} [/INST]\n    {%- else %}\n {{ message['content'] + eos_token }}\n    {%- endif %}\n{% endfor %}\n";
         let template = ChatTemplate::new(source.into(), "<s>".into(), "</s>".into()).unwrap();
         let prompt = template
-            .render(&request(None, &[(Role::User, "  Hi  "), (Role::Assistant, "Yo"), (Role::User, "Bye")]))
+            .render(&request(
+                None,
+                &[
+                    (Role::User, "  Hi  "),
+                    (Role::Assistant, "Yo"),
+                    (Role::User, "Bye"),
+                ],
+            ))
             .unwrap();
         assert_eq!(prompt, "<s>\n[INST] Hi [/INST] Yo</s>[INST] Bye [/INST]");
     }
@@ -163,6 +176,9 @@ mod tests {
             .render(&request(Some("x"), &[(Role::User, "Hi")]))
             .unwrap_err();
         assert_eq!(err.code(), "invalid_request");
-        assert!(err.to_string().contains("System role not supported"), "{err}");
+        assert!(
+            err.to_string().contains("System role not supported"),
+            "{err}"
+        );
     }
 }

@@ -79,10 +79,13 @@ fn sentencepiece(content: &gguf_file::Content) -> Result<Tokenizer, String> {
         .map(|(token, score)| Ok((token.to_string()?.clone(), f64::from(score.to_f32()?))))
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(|err| format!("a malformed vocabulary: {err}"))?;
-    let unknown = ["tokenizer.ggml.unknown_token_id", "tokenizer.ggml.unk_token_id"]
-        .iter()
-        .find_map(|key| content.metadata.get(*key)?.to_u32().ok())
-        .unwrap_or(0) as usize;
+    let unknown = [
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.unk_token_id",
+    ]
+    .iter()
+    .find_map(|key| content.metadata.get(*key)?.to_u32().ok())
+    .unwrap_or(0) as usize;
     let specials: Vec<AddedToken> = vocab
         .iter()
         .zip(types)
@@ -114,7 +117,9 @@ fn sentencepiece(content: &gguf_file::Content) -> Result<Tokenizer, String> {
         .with_normalizer(Some(NormalizerSequence::new(normalizers)))
         .map_err(|err| err.to_string())?;
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
-    tokenizer.add_special_tokens(specials).map_err(|err| err.to_string())?;
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|err| err.to_string())?;
     Ok(tokenizer)
 }
 
@@ -140,7 +145,9 @@ mod tests {
             tokens.push(word.to_owned());
             types.push(1);
         }
-        let scores = (0..tokens.len()).map(|index| Value::F32(-(index as f32))).collect();
+        let scores = (0..tokens.len())
+            .map(|index| Value::F32(-(index as f32)))
+            .collect();
         let metadata = [
             ("tokenizer.ggml.model", Value::String("llama".into())),
             (
