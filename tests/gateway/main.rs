@@ -9,10 +9,10 @@ mod emulator_selftest;
 mod faults;
 mod invoke;
 mod limits;
-mod operations;
-mod schema;
 #[cfg(feature = "local")]
 mod local;
+mod operations;
+mod schema;
 mod service;
 mod soak;
 mod sse;
