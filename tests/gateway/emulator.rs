@@ -537,12 +537,12 @@ fn validate(family: Family, raw: &[u8], body: &Value) -> Result<(), String> {
             check(check_number(obj, "top_p", 0.0, 1.0));
         }
         Family::Anthropic => {
-            if let Some(v) = obj.get("anthropic_version") {
-                if v.as_str() != Some(ANTHROPIC_VERSION) {
-                    check(Err(format!(
-                        "#/anthropic_version: {v} is not a valid enum value, expected: {ANTHROPIC_VERSION}"
-                    )));
-                }
+            if let Some(v) = obj.get("anthropic_version")
+                && v.as_str() != Some(ANTHROPIC_VERSION)
+            {
+                check(Err(format!(
+                    "#/anthropic_version: {v} is not a valid enum value, expected: {ANTHROPIC_VERSION}"
+                )));
             }
             check(check_integer(obj, "max_tokens", 1, None));
             match obj.get("messages") {
@@ -1028,18 +1028,16 @@ fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
                 metrics,
                 ..
             } => {
-                if metrics {
-                    if let Value::Object(obj) = &mut native {
-                        obj.insert(
-                            "amazon-bedrock-invocationMetrics".into(),
-                            json!({
-                                "inputTokenCount": w.input_tokens,
-                                "outputTokenCount": w.output_tokens,
-                                "invocationLatency": w.started.elapsed().as_millis() as u64,
-                                "firstByteLatency": first_byte.as_millis() as u64,
-                            }),
-                        );
-                    }
+                if metrics && let Value::Object(obj) = &mut native {
+                    obj.insert(
+                        "amazon-bedrock-invocationMetrics".into(),
+                        json!({
+                            "inputTokenCount": w.input_tokens,
+                            "outputTokenCount": w.output_tokens,
+                            "invocationLatency": w.started.elapsed().as_millis() as u64,
+                            "firstByteLatency": first_byte.as_millis() as u64,
+                        }),
+                    );
                 }
                 w.guard.chunks += 1;
                 Ok(chunk_frame(&native))

@@ -9,6 +9,8 @@ mod emulator_selftest;
 mod faults;
 mod invoke;
 mod limits;
+#[cfg(feature = "local")]
+mod local;
 mod operations;
 mod schema;
 mod service;

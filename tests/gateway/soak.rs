@@ -46,7 +46,7 @@ async fn client(app: &App, index: usize) -> Option<String> {
     let behaviour = behaviour(index);
     let model = "llama3";
     let mut pieces = Vec::new();
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         let response = app.get(&format!("/stream?model={model}&prompt=soak")).await;
         assert_eq!(response.status(), 200, "client {index}");
         let mut events = sse_events(response);

