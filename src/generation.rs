@@ -123,30 +123,43 @@ impl Pump {
                 Ended::Cancelled("client_gone")
             }
         };
-        let deadline = tokio::time::Instant::from_std(self.started + self.settings.total_timeout);
+        // The futures that end a generation are made once, not once per chunk: re-creating
+        // them registered two timers and three waiters per chunk (bench/RESULTS.md).
+        let total_deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            self.started + self.settings.total_timeout,
+        ));
+        let idle_deadline = tokio::time::sleep(self.settings.idle_timeout);
+        let closed = tx.closed();
+        let client_gone = self.client_gone.cancelled();
+        let shutdown = self.shutdown_deadline.cancelled();
+        tokio::pin!(total_deadline, idle_deadline, closed, client_gone, shutdown);
         let mut next = Some(Ok(first));
         loop {
+            // Idle is measured while waiting on the upstream, not while a slow client holds up
+            // the send below. Pushing a deadline later does not touch the timer wheel.
+            if next.is_none() {
+                idle_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.settings.idle_timeout);
+            }
             let item = match next.take() {
                 Some(item) => item,
                 None => tokio::select! {
                     biased;
-                    _ = tx.closed() => return gone(),
-                    _ = self.client_gone.cancelled() => return gone(),
-                    _ = self.shutdown_deadline.cancelled() => Err(Error::ShuttingDown),
-                    _ = tokio::time::sleep_until(deadline) => Err(Error::UpstreamTimeout(format!(
+                    _ = &mut closed => return gone(),
+                    _ = &mut client_gone => return gone(),
+                    _ = &mut shutdown => Err(Error::ShuttingDown),
+                    _ = &mut total_deadline => Err(Error::UpstreamTimeout(format!(
                         "model `{}` did not finish within the total timeout of {:?}",
                         self.model, self.settings.total_timeout
                     ))),
-                    item = tokio::time::timeout(self.settings.idle_timeout, upstream.next()) => match item {
-                        Ok(Some(item)) => item,
-                        Ok(None) => Err(Error::Upstream(format!(
-                            "the answer of model `{}` ended before it was complete", self.model
-                        ))),
-                        Err(_) => Err(Error::UpstreamTimeout(format!(
-                            "model `{}` sent nothing for {:?} (idle timeout)",
-                            self.model, self.settings.idle_timeout
-                        ))),
-                    },
+                    _ = &mut idle_deadline => Err(Error::UpstreamTimeout(format!(
+                        "model `{}` sent nothing for {:?} (idle timeout)",
+                        self.model, self.settings.idle_timeout
+                    ))),
+                    item = upstream.next() => item.unwrap_or_else(|| Err(Error::Upstream(format!(
+                        "the answer of model `{}` ended before it was complete", self.model
+                    )))),
                 },
             };
             let ended = match &item {

@@ -190,7 +190,12 @@ fn registry(mock: SocketAddr) -> String {
              format = \"llama3\"\nregion = \"us-east-1\"\nendpoint_url = \"http://{mock}\"\n\n"
         )
     };
-    let mut text = model(INVOKE_MODEL, "meta.llama3-bench-invoke");
+    // The production caps on calls in flight (512 and 128) would refuse most of the bench's
+    // streams, and the idle streams stay silent for longer than the default idle timeout.
+    let mut text = "max_concurrent_upstream = 1000000\n\n[upstream]\nmax_concurrent = 1000000\n\
+                    idle_timeout = \"10m\"\n\n"
+        .to_owned();
+    text.push_str(&model(INVOKE_MODEL, "meta.llama3-bench-invoke"));
     for scenario in SCENARIOS {
         text.push_str(&model(&scenario.name(), &scenario.model_id()));
     }

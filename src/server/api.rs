@@ -2,17 +2,15 @@
 
 use std::sync::Arc;
 
-use futures_util::{StreamExt, stream::BoxStream};
+use futures_util::StreamExt;
 use poem::{Request, web::Data};
-use poem_openapi::{
-    ApiResponse, Object, OpenApi,
-    param::Query,
-    payload::{EventStream, Json},
-};
+use poem_openapi::{ApiResponse, Object, OpenApi, param::Query, payload::Json};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody};
+use super::{
+    AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody, sse::EventStream,
+};
 use crate::{
     error::Error,
     generation::Transport,
@@ -53,8 +51,6 @@ pub enum HealthResponse {
     #[oai(status = 503)]
     Draining(Json<Health>),
 }
-
-type Events = EventStream<BoxStream<'static, StreamEvent>>;
 
 #[OpenApi]
 impl Api {
@@ -108,7 +104,7 @@ impl Api {
         /// Nucleus sampling mass, 0 to 1.
         #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
         top_p: Query<Option<f64>>,
-    ) -> Result<Events, Error> {
+    ) -> Result<EventStream, Error> {
         let request = GenerateRequest {
             max_tokens: max_tokens.0,
             temperature: temperature.0,
@@ -127,7 +123,7 @@ impl Api {
         Data(state): Data<&Arc<AppState>>,
         http: &Request,
         request: JsonBody<GenerateRequest>,
-    ) -> Result<Events, Error> {
+    ) -> Result<EventStream, Error> {
         stream(state, http, request.0).await
     }
 
@@ -164,7 +160,7 @@ async fn stream(
     state: &AppState,
     http: &Request,
     request: GenerateRequest,
-) -> Result<Events, Error> {
+) -> Result<EventStream, Error> {
     let caller = state.gateway.auth.authenticate(http)?;
     note_model(state, http, &request);
     let generation = state
@@ -174,9 +170,10 @@ async fn stream(
     if let Some(note) = RequestNote::of(http) {
         note.upstream(generation.upstream_wait);
     }
-    Ok(EventStream::new(generation.map(StreamEvent::from).boxed())
-        .keep_alive(state.gateway.settings.sse_keep_alive)
-        .to_event(StreamEvent::into_sse))
+    Ok(EventStream::new(
+        generation.map(StreamEvent::from),
+        state.gateway.settings.sse_keep_alive,
+    ))
 }
 
 /// The token of the request's connection, cancelled when the client closes it.

@@ -5,6 +5,7 @@ mod connection;
 mod events;
 mod json_body;
 mod origin;
+mod sse;
 mod ui;
 mod ws;
 
