@@ -6,8 +6,6 @@ use futures_util::StreamExt;
 use poem::{Request, web::Data};
 use poem_openapi::{ApiResponse, Object, OpenApi, param::Query, payload::Json};
 
-use tokio_util::sync::CancellationToken;
-
 use super::{
     AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody, sse::EventStream,
 };
@@ -68,7 +66,7 @@ impl Api {
         note_model(state, http, &request.0);
         let (model, completion, waited) = state
             .gateway
-            .complete(request.0, &caller, &client_gone(http))
+            .complete(request.0, &caller, &ClientGone::of(http))
             .await?;
         if let Some(note) = RequestNote::of(http) {
             note.upstream(waited);
@@ -165,7 +163,7 @@ async fn stream(
     note_model(state, http, &request);
     let generation = state
         .gateway
-        .stream(request, &caller, Transport::Sse, &client_gone(http))
+        .stream(request, &caller, Transport::Sse, &ClientGone::of(http))
         .await?;
     if let Some(note) = RequestNote::of(http) {
         note.upstream(generation.upstream_wait);
@@ -174,14 +172,6 @@ async fn stream(
         generation.map(StreamEvent::from),
         state.gateway.settings.sse_keep_alive,
     ))
-}
-
-/// The token of the request's connection, cancelled when the client closes it.
-fn client_gone(http: &Request) -> CancellationToken {
-    http.extensions()
-        .get::<ClientGone>()
-        .map(|gone| gone.0.clone())
-        .unwrap_or_default()
 }
 
 /// Tells the metrics which model a request is for — only names the registry knows, so that

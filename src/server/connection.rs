@@ -34,7 +34,19 @@ const RECHECK: Duration = Duration::from_millis(100);
 
 /// Cancelled when the client of a connection has closed it.
 #[derive(Clone, Default)]
-pub struct ClientGone(pub CancellationToken);
+pub struct ClientGone(CancellationToken);
+
+impl ClientGone {
+    /// The token of the request's connection; a token nobody cancels when the request did
+    /// not come through a [`WatchedAcceptor`].
+    pub fn of(request: &Request) -> CancellationToken {
+        request
+            .extensions()
+            .get::<ClientGone>()
+            .map(|gone| gone.0.clone())
+            .unwrap_or_default()
+    }
+}
 
 type Watched = Arc<Mutex<HashMap<SocketAddr, CancellationToken>>>;
 

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{AppState, events::StreamEvent};
+use super::{AppState, connection::ClientGone, events::StreamEvent};
 use crate::{
     auth::{Caller, WS_PROTOCOL_PREFIX},
     error::{Error, Result},
@@ -108,6 +108,7 @@ pub async fn ws_model(
     let session = Session {
         gateway: state.gateway.clone(),
         caller,
+        client_gone: ClientGone::of(request),
         model,
         mode,
         streaming,
@@ -133,6 +134,9 @@ pub async fn ws_model(
 struct Session {
     gateway: Arc<Gateway>,
     caller: Caller,
+    /// The connection's token: while the session waits for a model's first token it does
+    /// not read the socket, so this is how it learns the client left.
+    client_gone: CancellationToken,
     /// The model named in the URL; JSON requests may name another.
     model: String,
     mode: Mode,
@@ -234,12 +238,11 @@ impl Session {
     async fn start(&self, request: GenerateRequest) -> Result<Generation> {
         let generation = self
             .gateway
-            // The session reads the socket all along, so it sees the client leave itself.
             .stream(
                 request,
                 &self.caller,
                 Transport::WebSocket,
-                &CancellationToken::new(),
+                &self.client_gone,
             )
             .await;
         if let Err(err) = &generation {

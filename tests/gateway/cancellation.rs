@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{App, LLAMA_ID, spawn_app, sse_events};
 use crate::emulator::Scenario;
+use crate::ws::connect;
 
 /// Waits until the emulator is serving one stream (or one stalled Invoke).
 async fn upstream_open(app: &App) {
@@ -73,4 +75,16 @@ async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_
         metrics.contains(r#"modelgate_cancellations_total{reason="client_gone"} 1"#),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_websocket_client_that_leaves_before_the_first_token_stops_the_upstream_call() {
+    let app = spawn_app().await;
+    app.emulator
+        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let mut socket = connect(&app, "model=llama3&streaming=1").await;
+    socket.send(Message::text("take your time")).await.unwrap();
+    upstream_open(&app).await;
+    drop(socket);
+    app.assert_upstream_closed_within_a_second().await;
 }
