@@ -653,7 +653,7 @@ fn local_spec(
     };
     let sha256 = |value: &Spanned<String>, name: &str| {
         let hash = non_empty(value, name)?.to_ascii_lowercase();
-        if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        if parse_sha256(&hash).is_some() {
             Ok(hash)
         } else {
             Err(at(

@@ -71,10 +71,11 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Throttled(_) | Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Error::UpstreamUnavailable(_) | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::UpstreamUnavailable(_) | Error::ShuttingDown | Error::ModelLoading(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status"),
-            Error::ModelLoading(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -162,6 +162,16 @@ enum Incoming {
     Closed,
 }
 
+impl Incoming {
+    /// How a reply to this message is framed, for the messages that get one.
+    fn reply_framing(&self) -> Option<Framing> {
+        match self {
+            Incoming::Prompt(_, framing) | Incoming::Invalid(_, framing) => Some(*framing),
+            _ => None,
+        }
+    }
+}
+
 enum Forwarded {
     Finished,
     ClientGone,
@@ -369,10 +379,7 @@ impl Session {
                             let err = Error::RateLimited(format!(
                                 "more than {MAX_QUEUED_PROMPTS} prompts are waiting on this connection; wait for the answers"
                             ), 1);
-                            let framing = match next {
-                                Incoming::Prompt(_, framing) | Incoming::Invalid(_, framing) => framing,
-                                _ => framing,
-                            };
+                            let framing = next.reply_framing().unwrap_or(framing);
                             if let Forwarded::ClientGone = send(sink, StreamEvent::from(&err), framing).await {
                                 return Forwarded::ClientGone;
                             }

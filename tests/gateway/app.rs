@@ -62,6 +62,12 @@ pub async fn spawn_app() -> App {
     spawn_app_with(registry, true).await
 }
 
+/// Starts the gateway with top-level `settings` (e.g. `max_messages = 3`) before the
+/// standard registry.
+pub async fn spawn_app_with_settings(settings: &str) -> App {
+    spawn_app_with(|url| format!("{settings}\n{}", registry(url)), true).await
+}
+
 /// Starts the gateway with the registry `config(emulator_url)`, with or without AWS
 /// credentials in its environment.
 pub async fn spawn_app_with(config: impl FnOnce(&str) -> String, credentials: bool) -> App {

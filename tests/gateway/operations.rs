@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
 use crate::app::{
-    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_env, spawn_app_with,
-    sse_events,
+    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_env,
+    spawn_app_with_settings, sse_events,
 };
 use crate::emulator::{NativeStop, Scenario};
 use crate::ws::{connect, connect_json, next_json};
@@ -100,16 +100,7 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
 
 #[tokio::test]
 async fn cors_answers_listed_origins_and_refuses_others() {
-    let app = spawn_app_with(
-        |url| {
-            format!(
-                "allowed_origins = [\"https://chat.example.com\"]\n{}",
-                registry(url)
-            )
-        },
-        true,
-    )
-    .await;
+    let app = spawn_app_with_settings("allowed_origins = [\"https://chat.example.com\"]").await;
     let client = reqwest::Client::new();
     let preflight = client
         .request(reqwest::Method::OPTIONS, format!("{}/invoke", app.url))
@@ -175,11 +166,7 @@ async fn cors_answers_listed_origins_and_refuses_others() {
 
 #[tokio::test]
 async fn shutdown_lets_short_answers_finish_ends_long_ones_refuses_new_work_and_exits_0() {
-    let mut app = spawn_app_with(
-        |url| format!("shutdown_grace = \"1500ms\"\n{}", registry(url)),
-        true,
-    )
-    .await;
+    let mut app = spawn_app_with_settings("shutdown_grace = \"1500ms\"").await;
     // A short answer (finishes within the grace period) and a long one (does not).
     app.emulator.script(
         CLAUDE_ID,

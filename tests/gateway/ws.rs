@@ -9,7 +9,7 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
-use crate::app::{App, CLAUDE_ID, LLAMA_ID, registry, spawn_app, spawn_app_with};
+use crate::app::{App, CLAUDE_ID, LLAMA_ID, spawn_app, spawn_app_with_settings};
 use crate::emulator::{NativeStop, Scenario};
 
 pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -356,16 +356,7 @@ async fn an_unknown_model_is_refused_at_the_handshake_with_404() {
 
 #[tokio::test]
 async fn a_foreign_origin_is_refused_at_the_handshake_and_a_listed_one_accepted() {
-    let app = spawn_app_with(
-        |url| {
-            format!(
-                "allowed_origins = [\"https://chat.example.com\"]\n{}",
-                registry(url)
-            )
-        },
-        true,
-    )
-    .await;
+    let app = spawn_app_with_settings("allowed_origins = [\"https://chat.example.com\"]").await;
     let with_origin = |origin: &'static str| {
         let mut request = app.ws_url("model=llama3").into_client_request().unwrap();
         request
