@@ -28,6 +28,7 @@ pub struct Config {
     /// Browser origins allowed besides the gateway's own (CORS and WebSocket handshakes).
     pub allowed_origins: Vec<String>,
     pub server: ServerSettings,
+    pub connections: ConnectionSettings,
     /// Keys clients must present; none means the gateway is open (on loopback only).
     pub api_keys: Vec<ApiKeySpec>,
     /// The limits of keys that name none of their own (all of `MODELGATE_API_KEYS`).
@@ -48,6 +49,19 @@ pub struct ServerSettings {
     pub ws_max_message_bytes: usize,
     /// Upstream calls in flight across all models; beyond it requests get 503.
     pub max_concurrent_upstream: usize,
+}
+
+/// Limits on client connections, so that clients without a key cannot hold them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// Client connections held at once; `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// How long a client may take to send a request's head (and a new connection its first).
+    pub header_read_timeout: Duration,
+    /// How long a connection may wait, idle, for its next request.
+    pub keep_alive_timeout: Duration,
+    /// Requests in flight on one HTTP/2 connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub http2_max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +201,11 @@ struct RawConfig {
     max_concurrent_upstream: Option<NonZeroUsize>,
     max_messages: Option<NonZeroUsize>,
     max_input_chars: Option<NonZeroUsize>,
+    // Client connections.
+    max_connections: Option<NonZeroUsize>,
+    header_read_timeout: Option<Spanned<Wait>>,
+    keep_alive_timeout: Option<Spanned<Wait>>,
+    http2_max_concurrent_streams: Option<NonZeroU32>,
     /// Defaults for every model's `upstream` table.
     #[serde(default)]
     upstream: RawUpstream,
@@ -472,6 +491,14 @@ impl Config {
                     .ws_max_message_bytes
                     .map_or(1024 * 1024, NonZeroUsize::get),
                 max_concurrent_upstream: raw.max_concurrent_upstream.map_or(512, NonZeroUsize::get),
+            },
+            connections: ConnectionSettings {
+                max_connections: raw.max_connections.map(NonZeroUsize::get),
+                header_read_timeout: wait(raw.header_read_timeout, 10),
+                keep_alive_timeout: wait(raw.keep_alive_timeout, 60),
+                http2_max_concurrent_streams: raw
+                    .http2_max_concurrent_streams
+                    .map_or(128, NonZeroU32::get),
             },
             api_keys,
             api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),

@@ -58,6 +58,9 @@ pub enum Error {
     /// A local model is still being fetched or loaded.
     #[error("{0}")]
     ModelLoading(String),
+    /// Every client connection the gateway holds is busy; only `/healthz` is answered.
+    #[error("the gateway is at its limit of {0} client connections, all busy; retry shortly")]
+    Overloaded(usize),
 }
 
 impl Error {
@@ -71,9 +74,10 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Throttled(_) | Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Error::UpstreamUnavailable(_) | Error::ShuttingDown | Error::ModelLoading(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::UpstreamUnavailable(_)
+            | Error::ShuttingDown
+            | Error::ModelLoading(_)
+            | Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status"),
         }
@@ -96,6 +100,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::ClientClosed => "client_closed",
             Error::ModelLoading(_) => "model_loading",
+            Error::Overloaded(_) => "overloaded",
         }
     }
 
@@ -103,7 +108,7 @@ impl Error {
         match self {
             Error::Throttled(_) => Some(THROTTLE_RETRY_AFTER_SECS),
             Error::RateLimited(_, secs) => Some(*secs),
-            Error::UpstreamUnavailable(_) | Error::ShuttingDown => {
+            Error::UpstreamUnavailable(_) | Error::ShuttingDown | Error::Overloaded(_) => {
                 Some(UNAVAILABLE_RETRY_AFTER_SECS)
             }
             Error::ModelLoading(_) => Some(LOADING_RETRY_AFTER_SECS),
@@ -227,7 +232,7 @@ impl ApiResponse for Error {
                 error_response(502, "`upstream_error`: the upstream model failed", false),
                 error_response(
                     503,
-                    "`upstream_unavailable`: the upstream cannot be reached or used; `model_loading`: a local model is still being fetched or loaded",
+                    "`upstream_unavailable`: the upstream cannot be reached or used; `model_loading`: a local model is still being fetched or loaded; `shutting_down`: the gateway is draining; `overloaded`: every client connection is busy",
                     true,
                 ),
                 error_response(

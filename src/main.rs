@@ -101,6 +101,11 @@ fn main() -> ExitCode {
             "NO API KEYS CONFIGURED: every client that reaches {listen} can use every model"
         );
     }
+    // Every client connection holds a descriptor: take all the hard limit allows, so that
+    // `max_connections` (derived from it) is not needlessly low.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %err, "cannot raise the open-file limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -117,7 +122,7 @@ fn main() -> ExitCode {
             origins: OriginPolicy::new(&config.allowed_origins),
             metrics: telemetry::install_metrics(),
         };
-        match server::serve(&listen, state).await {
+        match server::serve(&listen, state, &config.connections).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("modelgate: cannot serve on {listen}: {err}");

@@ -27,10 +27,12 @@ use tokio::net::TcpSocket;
 
 pub use origin::OriginPolicy;
 
-use crate::{error::Error, gateway::Gateway, telemetry::RequestId};
+use crate::{config::ConnectionSettings, error::Error, gateway::Gateway, telemetry::RequestId};
 
 /// How long, after draining, the server waits for connections to close by themselves.
 const CLOSE_MARGIN: Duration = Duration::from_secs(5);
+/// Exit status when a second SIGTERM/SIGINT cuts the drain short.
+const FORCED_EXIT_CODE: i32 = 1;
 
 pub struct AppState {
     pub gateway: Arc<Gateway>,
@@ -164,11 +166,21 @@ async fn limit_body<E: Endpoint>(
 /// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused
 /// with 503 (and `/healthz` says `draining`, so load balancers move on) while the work in
 /// flight has `shutdown_grace` to finish; what is left then is ended, and the server stops.
-pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
-    let acceptor = connection::WatchedAcceptor::new(bind(listen).await?);
+/// A second signal ends the process at once.
+pub async fn serve(
+    listen: &str,
+    state: AppState,
+    connections: &ConnectionSettings,
+) -> std::io::Result<()> {
+    let limits = connection::ConnectionLimits::new(connections);
+    let acceptor = connection::WatchedAcceptor::new(bind(listen).await?, limits);
     for addr in acceptor.local_addr() {
         if let Some(addr) = addr.as_socket_addr() {
-            tracing::info!(%addr, "modelgate listening on http://{addr}");
+            tracing::info!(
+                %addr,
+                max_connections = limits.max_connections,
+                "modelgate listening on http://{addr}"
+            );
         }
     }
     let gateway = state.gateway.clone();
@@ -179,13 +191,19 @@ pub async fn serve(listen: &str, state: AppState) -> std::io::Result<()> {
             shutdown_signal().await;
             tracing::info!(
                 ?grace,
-                "draining: refusing new work, letting work in flight finish"
+                "draining: refusing new work, letting work in flight finish (a second signal stops at once)"
             );
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second signal: stopping at once, ending the work in flight");
+                std::process::exit(FORCED_EXIT_CODE);
+            });
             gateway.shutdown.drain(grace).await;
         }
     };
     let app = app(state).with(acceptor.tokens());
     poem::Server::new_with_acceptor(acceptor)
+        .http2_max_concurrent_streams(connections.http2_max_concurrent_streams)
         .run_with_graceful_shutdown(app, stop, Some(CLOSE_MARGIN))
         .await?;
     // WebSocket sessions live outside the HTTP connections the server waited for.
@@ -229,5 +247,5 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
-    tracing::info!("shutting down");
+    tracing::info!("signal received");
 }

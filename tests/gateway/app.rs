@@ -80,10 +80,40 @@ pub async fn spawn_app_env(
     credentials: bool,
     env: &[(&str, &str)],
 ) -> App {
+    spawn(config, credentials, |command| {
+        command.envs(env.iter().copied());
+    })
+    .await
+}
+
+/// Starts the gateway with top-level `settings` and an open-file limit of `nofile`, soft and
+/// hard (so the gateway cannot raise it), as on a constrained host.
+pub async fn spawn_app_with_nofile(settings: &str, nofile: u64) -> App {
+    spawn(
+        |url| format!("{settings}\n{}", registry(url)),
+        true,
+        |command| {
+            // SAFETY: setrlimit is async-signal-safe, and nothing else runs in the child
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile)
+                });
+            }
+        },
+    )
+    .await
+}
+
+async fn spawn(
+    config: impl FnOnce(&str) -> String,
+    credentials: bool,
+    customize: impl FnOnce(&mut Command),
+) -> App {
     let emulator = Emulator::start().await;
     let file = config_file(&config(&emulator.url()));
     let mut command = gateway_command(credentials);
-    command.envs(env.iter().copied());
+    customize(&mut command);
     command
         .arg("--config")
         .arg(file.path())
@@ -211,6 +241,17 @@ impl App {
             .find_map(|line| line.strip_prefix("VmRSS:"))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// CPU time (user and system) the gateway process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf only reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis(ticks * 1000 / per_second)
     }
 
     /// Asserts that the one upstream stream the test opened was closed by the gateway
