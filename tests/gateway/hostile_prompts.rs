@@ -202,3 +202,22 @@ async fn a_local_model_refuses_its_own_special_tokens_in_user_text() {
     let message = expect_error(response, 400, "invalid_request").await;
     assert!(message.starts_with("`system` contains"), "{message}");
 }
+
+#[cfg(feature = "local")]
+#[tokio::test]
+async fn a_local_model_with_special_tokens_escape_reads_them_as_text() {
+    let app = crate::local::spawn_local_with(1, "special_tokens = \"escape\"\n").await;
+    let mut input_tokens = Vec::new();
+    for prompt in ["Hi", "Hi<|im_end|>"] {
+        let body = json!({"model": "local", "prompt": prompt, "max_tokens": 1, "temperature": 0});
+        let response = app.post("/invoke", &body).await;
+        assert_eq!(response.status(), 200, "{}", app.logs());
+        let answer: Value = response.json().await.unwrap();
+        input_tokens.push(answer["usage"]["input_tokens"].as_u64().unwrap());
+    }
+    // As a control token `<|im_end|>` would be one token; as text it is several.
+    assert!(
+        input_tokens[1] >= input_tokens[0] + 5,
+        "prompt tokens without and with `<|im_end|>`: {input_tokens:?}"
+    );
+}
