@@ -110,7 +110,8 @@ pub async fn collect(mut stream: ChunkStream) -> Result<Completion> {
 /// sequences, and the text held back is at most the longest sequence.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    automaton: Option<StopAutomaton>,
+    /// Boxed: a decoder holds a matcher, used or not.
+    automaton: Option<Box<StopAutomaton>>,
     held: String,
 }
 
@@ -159,11 +160,11 @@ impl StopMatcher {
             }
         }
         Self {
-            automaton: Some(StopAutomaton {
+            automaton: Some(Box::new(StopAutomaton {
                 nfa,
                 state: start,
                 depth,
-            }),
+            })),
             held: String::new(),
         }
     }
