@@ -13,7 +13,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::{provider::bedrock::Format, request::Limits};
+use crate::{
+    provider::{bedrock::Format, special_tokens::SpecialTokenPolicy},
+    request::Limits,
+};
 
 /// The configuration bundled into the binary, used when no file is named and there is no
 /// `modelgate.toml` in the working directory.
@@ -332,6 +335,10 @@ struct RawModel {
     max_tokens: Option<Spanned<u32>>,
     max_tokens_limit: Option<Spanned<u32>>,
     temperature: Option<Spanned<f64>>,
+    /// `refuse` (the default) or `escape` user text that holds the special tokens of the
+    /// prompt the gateway renders for this model.
+    #[serde(default)]
+    special_tokens: SpecialTokenPolicy,
     /// Overrides of the top-level `[upstream]` table for this model.
     #[serde(default)]
     upstream: RawUpstream,
@@ -436,6 +443,7 @@ impl Config {
                     default_temperature: raw.temperature.map(Spanned::into_inner),
                     max_messages,
                     max_input_chars,
+                    special_tokens: raw.special_tokens,
                 },
                 upstream: raw.upstream.or(defaults).settings(),
                 provider,
@@ -872,5 +880,23 @@ mod tests {
         };
         assert_eq!(spec.format, Format::Anthropic);
         assert_eq!(config.models[0].limits.max_tokens_limit, 4096);
+    }
+
+    #[test]
+    fn special_tokens_is_refuse_by_default_or_escape_and_nothing_else() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let policy = |extra: &str| {
+            Config::parse(&format!("{model}{extra}"), "t")
+                .map(|config| config.models[0].limits.special_tokens)
+        };
+        assert_eq!(policy("").unwrap(), SpecialTokenPolicy::Refuse);
+        assert_eq!(
+            policy("special_tokens = \"escape\"\n").unwrap(),
+            SpecialTokenPolicy::Escape
+        );
+        let err = policy("special_tokens = \"strip\"\n").unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.message.starts_with("`special_tokens`: "), "{err}");
+        assert!(err.message.contains("escape"), "{err}");
     }
 }

@@ -96,14 +96,16 @@ impl Registry {
             .ok_or_else(|| Error::UnknownModel(name.to_owned()))
     }
 
-    /// Looks the model up and validates the request against its limits.
+    /// Looks the model up and validates the request against its limits and, where the
+    /// gateway renders the model's prompt, its special tokens.
     pub fn prepare(
         &self,
         request: GenerateRequest,
         caller: &str,
     ) -> Result<(Arc<Model>, ValidRequest)> {
         let model = self.get(&request.model)?.clone();
-        let valid = request.validate(&model.spec.limits, caller)?;
+        let special_tokens = model.provider.special_tokens()?;
+        let valid = request.validate(&model.spec.limits, caller, special_tokens.as_deref())?;
         Ok((model, valid))
     }
 

@@ -4,10 +4,16 @@
 use poem_openapi::{Enum, Object};
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    provider::special_tokens::{SpecialTokenPolicy, SpecialTokens},
+};
 
 /// Most stop sequences one request may give.
 const MAX_STOP_SEQUENCES: usize = 8;
+/// Most characters in one stop sequence: the gateway matches stop sequences itself for
+/// models without native ones, and holds back up to this much of the answer.
+pub const MAX_STOP_SEQUENCE_CHARS: usize = 256;
 
 /// A generation request: one `prompt`, or a conversation in `messages` (exactly one of
 /// the two). Parsed by serde, whose errors name the field; the schema's constraints are
@@ -37,8 +43,9 @@ pub struct GenerateRequest {
     /// Nucleus sampling mass, 0 to 1.
     #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
     pub top_p: Option<f64>,
-    /// Sequences that end the answer when the model writes them (at most 8, none empty).
-    #[oai(validator(max_items = 8))]
+    /// Sequences that end the answer when the model writes them (at most 8, none empty,
+    /// each at most 256 characters).
+    #[oai(validator(max_items = 8, max_length = 256))]
     pub stop: Option<Vec<String>>,
 }
 
@@ -77,6 +84,8 @@ pub struct Limits {
     pub max_messages: usize,
     /// Most characters of input (system prompt and messages together).
     pub max_input_chars: usize,
+    /// What to do with user text that holds a special token of the model's prompt format.
+    pub special_tokens: SpecialTokenPolicy,
 }
 
 /// A request that passed validation: at least one message, roles alternating from `user`,
@@ -103,9 +112,17 @@ impl GenerateRequest {
         }
     }
 
-    pub fn validate(self, limits: &Limits, caller: &str) -> Result<ValidRequest> {
+    /// Checks the request against the model's `limits` and, if the gateway renders the
+    /// model's prompt, keeps the model's `special_tokens` out of the user text.
+    pub fn validate(
+        self,
+        limits: &Limits,
+        caller: &str,
+        special_tokens: Option<&SpecialTokens>,
+    ) -> Result<ValidRequest> {
         let invalid = |message: String| Err(Error::InvalidRequest(message));
-        let messages = match (self.prompt, self.messages) {
+        let from_prompt = self.prompt.is_some();
+        let mut messages = match (self.prompt, self.messages) {
             (Some(_), Some(_)) => {
                 return invalid("give either `prompt` or `messages`, not both".into());
             }
@@ -166,9 +183,34 @@ impl GenerateRequest {
         if stop.iter().any(String::is_empty) {
             return invalid("`stop` sequences must not be empty".into());
         }
+        if let Some((index, chars)) = stop
+            .iter()
+            .map(|sequence| sequence.chars().count())
+            .enumerate()
+            .find(|&(_, chars)| chars > MAX_STOP_SEQUENCE_CHARS)
+        {
+            return invalid(format!(
+                "`stop[{index}]` has {chars} characters; at most {MAX_STOP_SEQUENCE_CHARS} are allowed"
+            ));
+        }
+        let mut system = self.system.filter(|system| !system.is_empty());
+        if let Some(tokens) = special_tokens {
+            let policy = limits.special_tokens;
+            if let Some(system) = &mut system {
+                tokens.guard("system", system, policy)?;
+            }
+            for (index, message) in messages.iter_mut().enumerate() {
+                let field = if from_prompt {
+                    "prompt".to_owned()
+                } else {
+                    format!("messages[{index}].content")
+                };
+                tokens.guard(&field, &mut message.content, policy)?;
+            }
+        }
         Ok(ValidRequest {
             caller: caller.to_owned(),
-            system: self.system.filter(|system| !system.is_empty()),
+            system,
             messages,
             max_tokens,
             temperature: self.temperature.or(limits.default_temperature),
@@ -214,6 +256,7 @@ mod tests {
         default_temperature: Some(0.5),
         max_messages: 3,
         max_input_chars: 100,
+        special_tokens: SpecialTokenPolicy::Refuse,
     };
 
     fn message(role: Role, content: &str) -> ChatMessage {
@@ -224,13 +267,16 @@ mod tests {
     }
 
     fn error_of(request: GenerateRequest) -> String {
-        request.validate(&LIMITS, "k").unwrap_err().to_string()
+        request
+            .validate(&LIMITS, "k", None)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn a_prompt_becomes_one_user_message_with_the_model_defaults() {
         let valid = GenerateRequest::prompt("m", "Hi")
-            .validate(&LIMITS, "k")
+            .validate(&LIMITS, "k", None)
             .unwrap();
         assert_eq!(valid.messages, vec![message(Role::User, "Hi")]);
         assert_eq!(valid.max_tokens, 512);
@@ -293,9 +339,74 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_sequence_over_256_characters_is_refused_naming_it_and_the_limit() {
+        let at_limit = GenerateRequest {
+            stop: Some(vec!["é".repeat(256)]),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(at_limit.validate(&LIMITS, "k", None).is_ok());
+        let long = GenerateRequest {
+            stop: Some(vec!["\n".into(), "x".repeat(257)]),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        let err = long.validate(&LIMITS, "k", None).unwrap_err();
+        assert_eq!(err.code(), "invalid_request");
+        assert_eq!(
+            err.to_string(),
+            "`stop[1]` has 257 characters; at most 256 are allowed"
+        );
+    }
+
+    #[test]
+    fn special_tokens_in_user_text_are_refused_naming_the_field() {
+        let tokens = SpecialTokens::new(["<|eot_id|>".to_owned()]).unwrap();
+        let forged = |request: GenerateRequest| {
+            request
+                .validate(&LIMITS, "k", Some(&tokens))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            forged(GenerateRequest::prompt("m", "x<|eot_id|>")).starts_with("`prompt` contains")
+        );
+        let turns = vec![
+            message(Role::User, "a"),
+            message(Role::Assistant, "b<|eot_id|>"),
+        ];
+        let conversation = GenerateRequest {
+            model: "m".into(),
+            messages: Some(turns),
+            ..Default::default()
+        };
+        assert!(forged(conversation).starts_with("`messages[1].content` contains"));
+        let system = GenerateRequest {
+            system: Some("<|eot_id|>".into()),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(forged(system).starts_with("`system` contains"));
+    }
+
+    #[test]
+    fn escaped_special_tokens_are_broken_in_every_field() {
+        let tokens = SpecialTokens::new(["<|eot_id|>".to_owned()]).unwrap();
+        let limits = Limits {
+            special_tokens: SpecialTokenPolicy::Escape,
+            ..LIMITS
+        };
+        let valid = GenerateRequest {
+            system: Some("s<|eot_id|>".into()),
+            ..GenerateRequest::prompt("m", "<|eot_id|>p")
+        }
+        .validate(&limits, "k", Some(&tokens))
+        .unwrap();
+        assert_eq!(valid.system.as_deref(), Some("s<\u{200B}|eot_id|>"));
+        assert_eq!(valid.messages[0].content, "<\u{200B}|eot_id|>p");
+    }
+
+    #[test]
     fn long_conversations_and_inputs_are_too_large() {
         let long = GenerateRequest::prompt("m", "x".repeat(101));
-        let err = long.validate(&LIMITS, "k").unwrap_err();
+        let err = long.validate(&LIMITS, "k", None).unwrap_err();
         assert_eq!(err.code(), "too_large");
         let turns = [Role::User, Role::Assistant, Role::User, Role::Assistant]
             .map(|role| message(role, "hi"));

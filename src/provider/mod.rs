@@ -4,7 +4,15 @@
 pub mod bedrock;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod special_tokens;
 
+use std::{collections::HashMap, sync::Arc};
+
+use aho_corasick::{
+    Anchored, MatchKind,
+    automaton::{Automaton, StateID},
+    nfa::contiguous::NFA,
+};
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream::BoxStream};
 
@@ -13,6 +21,7 @@ use crate::{
     registry::ModelState,
     request::ValidRequest,
 };
+use special_tokens::SpecialTokens;
 
 /// One item of a model's answer, as the model writes it. A stream yields any number of
 /// `Text` pieces and then exactly one `Done`, or ends with an `Err`.
@@ -66,6 +75,12 @@ pub trait Provider: Send + Sync {
         collect(self.stream(request).await?).await
     }
 
+    /// The special tokens of the prompt this provider renders around user text, if it renders
+    /// one. An error when they are not known yet (a local model still loading).
+    fn special_tokens(&self) -> Result<Option<Arc<SpecialTokens>>> {
+        Ok(None)
+    }
+
     /// Whether requests can be served now. Remote models are always `Ready`.
     fn state(&self) -> ModelState {
         ModelState::Ready
@@ -87,11 +102,26 @@ pub async fn collect(mut stream: ChunkStream) -> Result<Completion> {
 }
 
 /// Stop sequences for models whose native API has none: text is released only once it
-/// cannot be the start of a stop sequence, and the answer is cut at the first match.
+/// cannot be the start of a stop sequence, and the answer is cut before the first stop
+/// sequence to be completed (of two completed together, the longer).
+///
+/// One Aho-Corasick automaton runs over the answer's bytes, its state kept between chunks:
+/// each byte costs one transition (amortised), whatever the number and length of the
+/// sequences, and the text held back is at most the longest sequence.
 #[derive(Debug, Default)]
 pub struct StopMatcher {
-    sequences: Vec<String>,
+    /// Boxed: a decoder holds a matcher, used or not.
+    automaton: Option<Box<StopAutomaton>>,
     held: String,
+}
+
+#[derive(Debug)]
+struct StopAutomaton {
+    nfa: NFA,
+    /// Where the scan is: the longest tail of the text so far that begins a sequence.
+    state: StateID,
+    /// The length in bytes of that tail, for every state.
+    depth: HashMap<StateID, usize>,
 }
 
 /// What to do with the text pushed into a [`StopMatcher`].
@@ -104,37 +134,64 @@ pub enum StopScan {
 }
 
 impl StopMatcher {
+    /// A matcher for `sequences`, which validation bounds (see [`crate::request`]).
     pub fn new(sequences: Vec<String>) -> Self {
+        if sequences.is_empty() {
+            return Self::default();
+        }
+        let nfa = NFA::builder()
+            .match_kind(MatchKind::Standard)
+            .prefilter(false)
+            .build(&sequences)
+            // The automaton's limits are billions of states; validation allows 8 sequences
+            // of 256 characters.
+            .expect("validated stop sequences fit an automaton");
+        let start = nfa
+            .start_state(Anchored::No)
+            .expect("an NFA supports unanchored searches");
+        // Every state is a prefix of some sequence: walking each sequence from the start
+        // visits them all, one byte deeper at each step.
+        let mut depth = HashMap::from([(start, 0)]);
+        for sequence in &sequences {
+            let mut state = start;
+            for (index, &byte) in sequence.as_bytes().iter().enumerate() {
+                state = nfa.next_state(Anchored::No, state, byte);
+                depth.insert(state, index + 1);
+            }
+        }
         Self {
-            sequences,
+            automaton: Some(Box::new(StopAutomaton {
+                nfa,
+                state: start,
+                depth,
+            })),
             held: String::new(),
         }
     }
 
     pub fn push(&mut self, text: &str) -> StopScan {
-        if self.sequences.is_empty() {
+        let Some(automaton) = &mut self.automaton else {
             return StopScan::Continue(text.to_owned());
+        };
+        for (index, &byte) in text.as_bytes().iter().enumerate() {
+            automaton.state = automaton
+                .nfa
+                .next_state(Anchored::No, automaton.state, byte);
+            if automaton.nfa.is_match(automaton.state) {
+                let matched = automaton.longest_match();
+                let mut before = std::mem::take(&mut self.held);
+                // Both ends of a match are character boundaries: valid UTF-8 matched
+                // against valid UTF-8 starts on a leading byte and ends where a
+                // character does.
+                before.push_str(&text[..=index]);
+                before.truncate(before.len() - matched);
+                return StopScan::Stop(before);
+            }
         }
         self.held.push_str(text);
-        if let Some(at) = self
-            .sequences
-            .iter()
-            .filter_map(|sequence| self.held.find(sequence.as_str()))
-            .min()
-        {
-            let mut before = std::mem::take(&mut self.held);
-            before.truncate(at);
-            return StopScan::Stop(before);
-        }
-        // Hold back the longest tail that is a prefix of some stop sequence.
-        let keep = self
-            .sequences
-            .iter()
-            .map(|sequence| longest_suffix_prefix(&self.held, sequence))
-            .max()
-            .unwrap_or(0);
-        let release = self.held.len() - keep;
-        let rest = self.held.split_off(release);
+        // The held text is the state's tail, which starts on a character boundary too.
+        let keep = automaton.depth.get(&automaton.state).copied().unwrap_or(0);
+        let rest = self.held.split_off(self.held.len() - keep);
         StopScan::Continue(std::mem::replace(&mut self.held, rest))
     }
 
@@ -144,17 +201,17 @@ impl StopMatcher {
     }
 }
 
-/// Length in bytes of the longest suffix of `text` that is a proper prefix of `sequence`,
-/// on character boundaries.
-fn longest_suffix_prefix(text: &str, sequence: &str) -> usize {
-    (1..sequence.len())
-        .rev()
-        .filter(|&len| len <= text.len() && sequence.is_char_boundary(len))
-        .find(|&len| {
-            let start = text.len() - len;
-            text.is_char_boundary(start) && text[start..] == sequence[..len]
-        })
-        .unwrap_or(0)
+impl StopAutomaton {
+    /// The length in bytes of the longest sequence that ends at the current (match) state.
+    fn longest_match(&self) -> usize {
+        (0..self.nfa.match_len(self.state))
+            .map(|index| {
+                self.nfa
+                    .pattern_len(self.nfa.match_pattern(self.state, index))
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +249,39 @@ mod tests {
         let mut matcher = StopMatcher::new(vec!["é!".into()]);
         assert_eq!(matcher.push("café"), StopScan::Continue("caf".into()));
         assert_eq!(matcher.push("?"), StopScan::Continue("é?".into()));
+    }
+
+    #[test]
+    fn stop_matcher_cuts_before_the_first_sequence_to_be_completed() {
+        let mut matcher = StopMatcher::new(vec!["abcd".into(), "c".into(), "bc".into()]);
+        assert_eq!(matcher.push("xab"), StopScan::Continue("x".into()));
+        assert_eq!(matcher.push("cd"), StopScan::Stop("a".into()));
+    }
+
+    #[test]
+    fn stop_matcher_holds_back_at_most_the_longest_sequence_on_adversarial_text() {
+        // Sequences `a…ab` that every run of `a` keeps almost matching.
+        let sequences: Vec<String> = (0..8)
+            .map(|index| format!("{}{}", "a".repeat(255), char::from(b'b' + index)))
+            .collect();
+        let mut matcher = StopMatcher::new(sequences);
+        let mut released = String::new();
+        for _ in 0..20_000 {
+            match matcher.push("a") {
+                StopScan::Continue(text) => released.push_str(&text),
+                StopScan::Stop(text) => panic!("no sequence was written, yet cut at {text:?}"),
+            }
+        }
+        assert_eq!(released, "a".repeat(20_000 - 255));
+        assert_eq!(
+            matcher.push("ax"),
+            StopScan::Continue("a".repeat(256) + "x")
+        );
+        assert_eq!(
+            matcher.push(&"a".repeat(300)),
+            StopScan::Continue("a".repeat(45))
+        );
+        assert_eq!(matcher.push("i!"), StopScan::Stop(String::new()));
     }
 
     #[test]

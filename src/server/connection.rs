@@ -191,7 +191,8 @@ impl Connections {
     /// Stops counting `connection` and closes its socket, so that hyper ends it.
     fn close(&self, connection: &Connection) {
         self.release(connection);
-        let _ = socket2::SockRef::from(connection.stream.as_ref()).shutdown(std::net::Shutdown::Both);
+        let _ =
+            socket2::SockRef::from(connection.stream.as_ref()).shutdown(std::net::Shutdown::Both);
     }
 
     /// Closes the connection idle the longest, if any is idle — among those counted against
@@ -303,7 +304,11 @@ impl WatchedAcceptor {
             connections.lock().insert(peer, connection.clone());
         }
         let closed = CancellationToken::new();
-        tokio::spawn(watch(connection.clone(), connections.clone(), closed.clone()));
+        tokio::spawn(watch(
+            connection.clone(),
+            connections.clone(),
+            closed.clone(),
+        ));
         Ok(WatchedIo {
             connection,
             peer,
@@ -371,7 +376,11 @@ impl Acceptor for WatchedAcceptor {
 
 /// Closes the connection when its idle deadline passes, and cancels its [`ClientGone`]
 /// token when the peer closes it; ends when the server is done with the connection.
-async fn watch(connection: Arc<Connection>, connections: Arc<Connections>, closed: CancellationToken) {
+async fn watch(
+    connection: Arc<Connection>,
+    connections: Arc<Connections>,
+    closed: CancellationToken,
+) {
     let mut byte = [0u8; 1];
     loop {
         let changed = connection.changed.notified();
@@ -567,7 +576,11 @@ impl<E: Endpoint> Endpoint for ConnectionTokensEndpoint<E> {
             .and_then(|peer| self.connections.get(peer));
         let Some(connection) = connection else {
             request.extensions_mut().insert(ClientGone::default());
-            return self.inner.call(request).await.map(IntoResponse::into_response);
+            return self
+                .inner
+                .call(request)
+                .await
+                .map(IntoResponse::into_response);
         };
         if connection.overflow && request.uri().path() != HEALTH_ROUTE {
             let mut response =
@@ -594,13 +607,10 @@ impl<E: Endpoint> Endpoint for ConnectionTokensEndpoint<E> {
             connection.upgraded.store(true, Ordering::Release);
         } else if is_event_stream(&response) {
             // The stream owns the request's `Work` until the last event is written.
-            let body = response
-                .take_body()
-                .into_bytes_stream()
-                .map(move |piece| {
-                    let _in_flight = &work;
-                    piece
-                });
+            let body = response.take_body().into_bytes_stream().map(move |piece| {
+                let _in_flight = &work;
+                piece
+            });
             response.set_body(Body::from_bytes_stream(body));
         }
         Ok(response)

@@ -96,9 +96,8 @@ pub async fn spawn_app_with_nofile(settings: &str, nofile: u64) -> App {
             // SAFETY: setrlimit is async-signal-safe, and nothing else runs in the child
             // between fork and exec.
             unsafe {
-                command.pre_exec(move || {
-                    rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile)
-                });
+                command
+                    .pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
             }
         },
     )

@@ -9,9 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::app::{
-    App, LLAMA_ID, spawn_app, spawn_app_with_nofile, spawn_app_with_settings,
-};
+use crate::app::{App, LLAMA_ID, spawn_app, spawn_app_with_nofile, spawn_app_with_settings};
 use crate::emulator::Scenario;
 
 fn address(app: &App) -> String {
@@ -57,7 +55,8 @@ fn stall_llama(app: &App) {
     );
 }
 
-const HALF_A_HEAD: &[u8] = b"POST /invoke HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n";
+const HALF_A_HEAD: &[u8] =
+    b"POST /invoke HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n";
 
 #[tokio::test]
 async fn half_sent_request_heads_are_closed_after_the_header_read_timeout() {
@@ -133,7 +132,12 @@ async fn at_max_connections_idle_sockets_make_room_for_real_requests() {
     for check in checks.collect::<Vec<_>>() {
         closed += usize::from(check.await.unwrap());
     }
-    assert_eq!(closed, 80, "the gateway holds {} idle sockets", 100 - closed);
+    assert_eq!(
+        closed,
+        80,
+        "the gateway holds {} idle sockets",
+        100 - closed
+    );
     let answer = app
         .post(
             "/invoke",

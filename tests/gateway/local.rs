@@ -58,9 +58,19 @@ fn local_registry(path: &Path, workers: u32) -> String {
 const ONE_THREAD: (&str, &str) = ("CANDLE_NUM_THREADS", "1");
 
 /// The gateway serving the default model from its cached file, once its state is `ready`.
-async fn spawn_local(workers: u32) -> App {
+pub async fn spawn_local(workers: u32) -> App {
+    spawn_local_with(workers, "").await
+}
+
+/// Like [`spawn_local`], with more settings of the model (`key = value` lines).
+pub async fn spawn_local_with(workers: u32, settings: &str) -> App {
     let path = tokio::task::spawn_blocking(weights).await.unwrap();
-    let app = spawn_app_env(|_| local_registry(path, workers), false, &[ONE_THREAD]).await;
+    let app = spawn_app_env(
+        |_| local_registry(path, workers) + settings,
+        false,
+        &[ONE_THREAD],
+    )
+    .await;
     assert_eq!(wait_for_state(&app, &["ready"]).await["state"], "ready");
     app
 }

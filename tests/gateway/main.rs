@@ -8,6 +8,7 @@ mod emulator;
 mod emulator_selftest;
 mod faults;
 mod hostile_connections;
+mod hostile_prompts;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]

@@ -1,11 +1,16 @@
 //! Meta Llama 3's native InvokeModel body, answer and stream events.
 
+use std::sync::{Arc, LazyLock};
+
 use serde::{Deserialize, Serialize};
 
 use super::{InvocationMetrics, parse_json};
 use crate::{
     error::Result,
-    provider::{Chunk, Completion, Finish, StopMatcher, StopReason, StopScan, Usage},
+    provider::{
+        Chunk, Completion, Finish, StopMatcher, StopReason, StopScan, Usage,
+        special_tokens::SpecialTokens,
+    },
     request::ValidRequest,
 };
 
@@ -30,7 +35,37 @@ pub fn request_body(request: &ValidRequest) -> Vec<u8> {
     serde_json::to_vec(&body).expect("a struct of strings and numbers serializes")
 }
 
-/// The Llama 3 instruct template, ending with the open assistant header.
+/// Llama 3's special tokens (ids 128000 to 128255 of Llama 3, 3.1 and 3.2, and 3.2's
+/// `<|image|>`), all of which its tokenizer reads from prompt text as control tokens.
+const NAMED_SPECIAL_TOKENS: &[&str] = &[
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<|finetune_right_pad_id|>",
+    "<|image|>",
+];
+/// The rest are `<|reserved_special_token_N|>` (N up to 250 in Llama 3, 247 in 3.1).
+const RESERVED_SPECIAL_TOKENS: u32 = 256;
+
+pub fn special_tokens() -> Arc<SpecialTokens> {
+    static TOKENS: LazyLock<Arc<SpecialTokens>> = LazyLock::new(|| {
+        let reserved =
+            (0..RESERVED_SPECIAL_TOKENS).map(|n| format!("<|reserved_special_token_{n}|>"));
+        let tokens = NAMED_SPECIAL_TOKENS
+            .iter()
+            .map(|t| t.to_string())
+            .chain(reserved);
+        Arc::new(SpecialTokens::new(tokens).expect("a few hundred tokens fit an automaton"))
+    });
+    TOKENS.clone()
+}
+
+/// The Llama 3 instruct template, ending with the open assistant header. User text has been
+/// through [`SpecialTokens::guard`] with [`special_tokens`].
 pub fn render_prompt(request: &ValidRequest) -> String {
     let mut prompt = String::from("<|begin_of_text|>");
     let mut turn = |role: &str, content: &str| {

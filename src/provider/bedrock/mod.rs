@@ -4,7 +4,7 @@
 mod anthropic;
 mod llama3;
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use aws_config::{
@@ -25,7 +25,7 @@ use aws_smithy_types::event_stream::RawMessage;
 use futures_util::StreamExt;
 use serde::{Deserialize, de::DeserializeOwned};
 
-use super::{Chunk, ChunkStream, Completion, Provider, Usage};
+use super::{Chunk, ChunkStream, Completion, Provider, Usage, special_tokens::SpecialTokens};
 use crate::{
     config::{BedrockSpec, UpstreamSettings},
     error::{Error, Result},
@@ -237,6 +237,14 @@ impl BedrockProvider {
 
 #[async_trait]
 impl Provider for BedrockProvider {
+    /// Llama 3's prompt is rendered by the gateway; Claude's body is JSON, with no tokens.
+    fn special_tokens(&self) -> Result<Option<Arc<SpecialTokens>>> {
+        Ok(match self.spec.format {
+            Format::Llama3 => Some(llama3::special_tokens()),
+            Format::Anthropic => None,
+        })
+    }
+
     async fn complete(&self, request: ValidRequest) -> Result<Completion> {
         let output = self
             .client

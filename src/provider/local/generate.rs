@@ -48,6 +48,8 @@ fn generate(
     let started = Instant::now();
     let request = &job.request;
     let prompt = vocabulary.template.render(request)?;
+    // Special tokens are parsed: the template's control tokens must be. The user text has
+    // none to parse: validation refused or broke them (see `SpecialTokens::guard`).
     let encoding = vocabulary
         .tokenizer
         .encode(prompt, false)

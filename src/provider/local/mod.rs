@@ -23,7 +23,7 @@ use self::{
     generate::{Job, Sampling},
     pool::Pool,
 };
-use super::{ChunkStream, Provider};
+use super::{ChunkStream, Provider, special_tokens::SpecialTokens};
 use crate::{
     config::{Config, LocalSpec, ProviderSpec, Weights},
     error::{Error, Result},
@@ -38,7 +38,11 @@ pub struct LocalProvider {
 
 enum State {
     Loading,
-    Ready(Pool<Job>),
+    Ready {
+        pool: Pool<Job>,
+        /// The tokenizer's special tokens, kept out of user text.
+        special_tokens: Arc<SpecialTokens>,
+    },
     /// Why the model cannot be used.
     Failed(String),
 }
@@ -54,13 +58,16 @@ impl LocalProvider {
             .spawn(move || {
                 let started = Instant::now();
                 let outcome = match load(&model, &spec) {
-                    Ok(pool) => {
+                    Ok((pool, special_tokens)) => {
                         tracing::info!(
                             model,
                             secs = started.elapsed().as_secs_f32(),
                             "local model ready"
                         );
-                        State::Ready(pool)
+                        State::Ready {
+                            pool,
+                            special_tokens,
+                        }
                     }
                     Err(reason) => {
                         tracing::error!(model, "{reason}");
@@ -121,7 +128,7 @@ pub fn pull(config: &Config, only: Option<&str>) -> Result<Vec<(String, PathBuf)
     Ok(pulled)
 }
 
-fn load(model: &str, spec: &LocalSpec) -> Result<Pool<Job>, String> {
+fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<SpecialTokens>), String> {
     let path = weights_path(model, &spec.weights)?;
     let started = Instant::now();
     let loaded = model::load(&path, spec.workers)
@@ -138,6 +145,7 @@ fn load(model: &str, spec: &LocalSpec) -> Result<Pool<Job>, String> {
         repeat_penalty: spec.repeat_penalty,
         seed: spec.seed,
     };
+    let special_tokens = loaded.vocabulary.special_tokens.clone();
     let workers = loaded
         .networks
         .into_iter()
@@ -146,30 +154,46 @@ fn load(model: &str, spec: &LocalSpec) -> Result<Pool<Job>, String> {
             move |job| generate::run(&mut network, &vocabulary, sampling, job)
         })
         .collect();
-    Ok(Pool::start(model, workers, spec.queue))
+    Ok((Pool::start(model, workers, spec.queue), special_tokens))
+}
+
+impl LocalProvider {
+    /// `use_model` on the loaded model, or why it cannot be used now.
+    fn when_ready<T>(
+        &self,
+        use_model: impl FnOnce(&Pool<Job>, &Arc<SpecialTokens>) -> Result<T>,
+    ) -> Result<T> {
+        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
+            State::Loading => Err(Error::ModelLoading(format!(
+                "model `{}` is still being fetched or loaded: retry shortly",
+                self.name
+            ))),
+            State::Failed(reason) => Err(Error::UpstreamUnavailable(reason.clone())),
+            State::Ready {
+                pool,
+                special_tokens,
+            } => use_model(pool, special_tokens),
+        }
+    }
 }
 
 #[async_trait]
 impl Provider for LocalProvider {
     async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
         let (chunks, receiver) = tokio::sync::mpsc::unbounded_channel();
-        match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
-            State::Loading => {
-                return Err(Error::ModelLoading(format!(
-                    "model `{}` is still being fetched or loaded: retry shortly",
-                    self.name
-                )));
-            }
-            State::Failed(reason) => return Err(Error::UpstreamUnavailable(reason.clone())),
-            State::Ready(pool) => pool.submit(Job { request, chunks })?,
-        }
+        self.when_ready(|pool, _| pool.submit(Job { request, chunks }))?;
         Ok(UnboundedReceiverStream::new(receiver).boxed())
+    }
+
+    /// Known once the model is loaded; until then requests get what `stream` would say.
+    fn special_tokens(&self) -> Result<Option<Arc<SpecialTokens>>> {
+        self.when_ready(|_, special_tokens| Ok(Some(special_tokens.clone())))
     }
 
     fn state(&self) -> ModelState {
         match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
             State::Loading => ModelState::Loading,
-            State::Ready(_) => ModelState::Ready,
+            State::Ready { .. } => ModelState::Ready,
             State::Failed(_) => ModelState::Failed,
         }
     }

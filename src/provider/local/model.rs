@@ -17,6 +17,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use tokenizers::Tokenizer;
 
 use super::{template::ChatTemplate, tokenizer};
+use crate::provider::special_tokens::SpecialTokens;
 
 /// Architectures (`general.architecture`) this provider runs.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
@@ -40,6 +41,9 @@ pub struct Vocabulary {
     pub end_of_turn: HashSet<u32>,
     /// Most tokens (prompt and answer) one generation may hold.
     pub context_length: usize,
+    /// The tokens the tokenizer reads from text as special (control) tokens: user text has
+    /// none of them (see [`SpecialTokens::guard`]).
+    pub special_tokens: Arc<SpecialTokens>,
 }
 
 /// A transformer with its own KV cache. Forward passes take `&mut self`: one per worker.
@@ -160,11 +164,18 @@ fn vocabulary(content: &gguf_file::Content, architecture: &str) -> Result<Vocabu
         .map_or(quantized_llama::MAX_SEQ_LEN, |length| length as usize)
         // candle's llama precomputes its rotary embeddings for MAX_SEQ_LEN positions.
         .min(quantized_llama::MAX_SEQ_LEN);
+    let special_tokens = tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .filter(|token| token.special)
+        .map(|token| token.content);
+    let special_tokens = Arc::new(SpecialTokens::new(special_tokens)?);
     Ok(Vocabulary {
         tokenizer,
         template,
         end_of_turn,
         context_length,
+        special_tokens,
     })
 }
 
