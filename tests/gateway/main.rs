@@ -7,6 +7,7 @@ mod cancellation;
 mod emulator;
 mod emulator_selftest;
 mod faults;
+mod hostile_ws;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]
