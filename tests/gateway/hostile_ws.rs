@@ -132,7 +132,10 @@ fn stall() -> Scenario {
 /// Reads frames until the pong that answers `ping`, which the gateway sends only after it
 /// read every message sent before the ping; returns the JSON frames before it.
 async fn frames_until_pong(socket: &mut Socket, ping: &str) -> Vec<Value> {
-    socket.send(Message::Ping(ping.to_owned().into())).await.unwrap();
+    socket
+        .send(Message::Ping(ping.to_owned().into()))
+        .await
+        .unwrap();
     let mut frames = Vec::new();
     loop {
         let message = tokio::time::timeout(Duration::from_secs(20), socket.next())
@@ -251,7 +254,10 @@ async fn prompts_queued_on_many_connections_stay_within_the_gateway_wide_budget(
     for _ in 0..4 {
         socket.send(Message::text(prompt.clone())).await.unwrap();
     }
-    assert_eq!(frames_until_pong(&mut socket, "again").await, Vec::<Value>::new());
+    assert_eq!(
+        frames_until_pong(&mut socket, "again").await,
+        Vec::<Value>::new()
+    );
 }
 
 #[tokio::test]
@@ -290,7 +296,11 @@ async fn protocol_violations_close_with_1002_and_a_text_message_that_is_not_utf8
     unmasked
         .send_frame(0x80 | OPCODE_TEXT, b"hello", false)
         .await;
-    assert_eq!(unmasked.close_code().await.0, 1002, "an unmasked client frame");
+    assert_eq!(
+        unmasked.close_code().await.0,
+        1002,
+        "an unmasked client frame"
+    );
 
     let mut reserved = RawClient::connect(&app, "model=llama3").await;
     reserved.send_frame(0x80 | 0x3, b"hello", true).await;
@@ -305,7 +315,11 @@ async fn protocol_violations_close_with_1002_and_a_text_message_that_is_not_utf8
     not_utf8
         .send_frame(0x80 | OPCODE_TEXT, &[b'h', 0xff, 0xfe], true)
         .await;
-    assert_eq!(not_utf8.close_code().await.0, 1007, "a text frame that is not UTF-8");
+    assert_eq!(
+        not_utf8.close_code().await.0,
+        1007,
+        "a text frame that is not UTF-8"
+    );
     assert!(app.emulator.requests().is_empty());
 }
 
@@ -342,8 +356,14 @@ async fn a_json_frame_with_a_repeated_key_is_refused_naming_it() {
     let mut socket = connect_json(&app, "llama3").await;
     for (frame, field) in [
         (r#"{"prompt": "a", "prompt": "b"}"#, "`prompt`"),
-        (r#"{"model": "llama3", "prompt": "a", "model": "anthropic"}"#, "`model`"),
-        (r#"{"type": "generate", "prompt": "a", "type": "cancel"}"#, "`type`"),
+        (
+            r#"{"model": "llama3", "prompt": "a", "model": "anthropic"}"#,
+            "`model`",
+        ),
+        (
+            r#"{"type": "generate", "prompt": "a", "type": "cancel"}"#,
+            "`type`",
+        ),
     ] {
         socket.send(Message::text(frame)).await.unwrap();
         let refusal = next_json(&mut socket).await;
@@ -369,7 +389,12 @@ async fn a_json_frame_with_a_repeated_key_is_refused_naming_it() {
 #[tokio::test]
 async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
     const KEY: &str = "mg-secret-in-subprotocol-42";
-    let app = spawn_app_env(registry, true, &[("MODELGATE_API_KEYS", &format!("ui:{KEY}"))]).await;
+    let app = spawn_app_env(
+        registry,
+        true,
+        &[("MODELGATE_API_KEYS", &format!("ui:{KEY}"))],
+    )
+    .await;
     let bearer = format!("bearer.{KEY}");
 
     let (_json, head) = RawClient::open(
@@ -387,7 +412,10 @@ async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
     assert!(!head.contains(KEY), "{head}");
 
     let (_text, head) = RawClient::open(&app, "model=llama3", Some(&bearer)).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "the key is accepted: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "the key is accepted: {head}"
+    );
     assert!(!head.contains(KEY), "{head}");
 
     // What a browser's text-mode client with a key does instead.
@@ -454,7 +482,10 @@ async fn a_model_name_in_a_json_frame_cannot_forge_a_log_line() {
         ))
         .await
         .unwrap();
-    assert_eq!(next_json(&mut socket).await["error"]["code"], "unknown_model");
+    assert_eq!(
+        next_json(&mut socket).await["error"]["code"],
+        "unknown_model"
+    );
     tokio::time::timeout(Duration::from_secs(5), async {
         while !app.logs().contains("FORGED") {
             tokio::time::sleep(Duration::from_millis(20)).await;

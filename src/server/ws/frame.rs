@@ -224,10 +224,22 @@ mod tests {
     #[test]
     fn repeated_unknown_and_mistyped_fields_are_named() {
         for (text, named) in [
-            (r#"{"prompt": "a", "prompt": "b"}"#, "duplicate field `prompt`"),
-            (r#"{"model": "a", "model": "b", "prompt": "c"}"#, "duplicate field `model`"),
-            (r#"{"type": "cancel", "type": "cancel"}"#, "duplicate field `type`"),
-            (r#"{"prompt": "a", "max_token": 3}"#, "unknown field `max_token`"),
+            (
+                r#"{"prompt": "a", "prompt": "b"}"#,
+                "duplicate field `prompt`",
+            ),
+            (
+                r#"{"model": "a", "model": "b", "prompt": "c"}"#,
+                "duplicate field `model`",
+            ),
+            (
+                r#"{"type": "cancel", "type": "cancel"}"#,
+                "duplicate field `type`",
+            ),
+            (
+                r#"{"prompt": "a", "max_token": 3}"#,
+                "unknown field `max_token`",
+            ),
             (r#"{"type": "stop"}"#, "unknown variant `stop`"),
             (r#"{"prompt": 3}"#, "invalid type: integer `3`"),
         ] {

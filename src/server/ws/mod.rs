@@ -94,8 +94,8 @@ pub async fn ws_model(
         return Err(Error::ShuttingDown);
     }
     let caller = gateway.auth.authenticate(request)?;
-    let Query(params) = params
-        .map_err(|err| Error::InvalidRequest(format!("invalid query parameter: {err}")))?;
+    let Query(params) =
+        params.map_err(|err| Error::InvalidRequest(format!("invalid query parameter: {err}")))?;
     let model = params.model.ok_or_else(|| {
         Error::InvalidRequest(
             "the `model` query parameter is required, e.g. /ws/model?model=llama3".into(),
