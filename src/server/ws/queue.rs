@@ -89,3 +89,58 @@ impl Drop for Held {
         QUEUED_BYTES.fetch_sub(self.0, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn settings(per_connection: usize, total: usize) -> WsSettings {
+        WsSettings {
+            max_queued_bytes: per_connection,
+            max_queued_bytes_total: total,
+            ping_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn code_of(queue: &mut Queue, bytes: usize) -> Option<&'static str> {
+        queue
+            .push(Incoming::Cancel, bytes)
+            .err()
+            .map(|err| err.code())
+    }
+
+    #[test]
+    fn each_limit_refuses_and_the_gateways_bytes_come_back() {
+        let mut counted = Queue::new(settings(1000, 1 << 40));
+        for _ in 0..MAX_QUEUED {
+            assert_eq!(code_of(&mut counted, 1), None);
+        }
+        assert_eq!(code_of(&mut counted, 1), Some("rate_limited"));
+
+        let mut sized = Queue::new(settings(1000, 1 << 40));
+        assert_eq!(code_of(&mut sized, 600), None);
+        assert_eq!(code_of(&mut sized, 600), Some("rate_limited"));
+        assert!(sized.pop().is_some());
+        assert_eq!(
+            code_of(&mut sized, 600),
+            None,
+            "a popped message frees its bytes"
+        );
+
+        // The gateway's budget is shared: it is measured against what is held now.
+        let held = QUEUED_BYTES.load(Ordering::Acquire);
+        let mut first = Queue::new(settings(1 << 30, held + 1500));
+        let mut second = Queue::new(settings(1 << 30, held + 1500));
+        assert_eq!(code_of(&mut first, 1000), None);
+        assert_eq!(code_of(&mut second, 1000), Some("upstream_unavailable"));
+        drop(first);
+        assert_eq!(
+            code_of(&mut second, 1000),
+            None,
+            "a closed connection gives back"
+        );
+    }
+}
