@@ -265,7 +265,9 @@ impl Session {
             }
             let wake = (settings.idle_timeout - idle_for).min(settings.ping_interval);
             tokio::select! {
-                message = socket.next() => return self.read(message),
+                message = socket.next() => {
+                    return read(message, self.mode, &self.model).map(|(incoming, _)| incoming);
+                }
                 _ = self.gateway.shutdown.draining.cancelled() => {
                     return Err(Ending::Close(CloseCode::Away, "shutting_down"));
                 }
@@ -275,14 +277,6 @@ impl Session {
                 self.deliver(socket, Message::Ping(Bytes::new())).await?;
             }
         }
-    }
-
-    fn read(
-        &self,
-        message: Option<Result<Message, tungstenite::Error>>,
-    ) -> Result<Incoming, Ending> {
-        let message = message.ok_or(Ending::Gone)??;
-        Ok(Incoming::of(message, self.mode, &self.model))
     }
 
     async fn answer(
@@ -329,16 +323,9 @@ impl Session {
             let item = tokio::select! {
                 item = chunks.next() => item,
                 message = socket.next() => {
-                    let message = message.ok_or(Ending::Gone)??;
-                    let bytes = message.len();
-                    match Incoming::of(message, self.mode, &self.model) {
-                        Incoming::Cancel => {
-                            chunks.cancel();
-                            return self.send(socket, StreamEvent::cancelled(), framing).await;
-                        }
-                        Incoming::Closed => return Err(Ending::ClientClosed),
-                        Incoming::Ignore => {}
-                        incoming => self.hold(incoming, bytes, framing, socket, queue).await?,
+                    if let Heard::Cancel = self.heard(message, framing, socket, queue).await? {
+                        chunks.cancel();
+                        return self.send(socket, StreamEvent::cancelled(), framing).await;
                     }
                     continue;
                 }
@@ -365,20 +352,28 @@ impl Session {
         }
     }
 
-    /// Queues a message that came while an answer streams, or tells the client why not.
-    async fn hold(
+    /// Takes a message that came while an answer streams: a prompt waits its turn (or is
+    /// refused at once), a close ends the session.
+    async fn heard(
         &self,
-        incoming: Incoming,
-        bytes: usize,
+        message: Option<Result<Message, tungstenite::Error>>,
         answer_framing: Framing,
         socket: &mut Socket,
         queue: &mut Queue,
-    ) -> Result<(), Ending> {
-        let framing = incoming.reply_framing().unwrap_or(answer_framing);
-        match queue.push(incoming, bytes) {
-            Ok(()) => Ok(()),
-            Err(err) => self.send(socket, StreamEvent::from(&err), framing).await,
+    ) -> Result<Heard, Ending> {
+        let (incoming, bytes) = read(message, self.mode, &self.model)?;
+        match incoming {
+            Incoming::Cancel => return Ok(Heard::Cancel),
+            Incoming::Closed => return Err(Ending::ClientClosed),
+            Incoming::Ignore => {}
+            incoming => {
+                let framing = incoming.reply_framing().unwrap_or(answer_framing);
+                if let Err(err) = queue.push(incoming, bytes) {
+                    self.send(socket, StreamEvent::from(&err), framing).await?;
+                }
+            }
         }
+        Ok(Heard::Nothing)
     }
 
     /// Sends one event in the connection's framing. The tutorial's text mode has no end
@@ -424,6 +419,23 @@ impl Session {
             Err(_) => loggable(model),
         }
     }
+}
+
+/// What a message that came while an answer streams means for that answer.
+enum Heard {
+    Cancel,
+    Nothing,
+}
+
+/// A message the socket gave, read in `mode`, with its size.
+fn read(
+    message: Option<Result<Message, tungstenite::Error>>,
+    mode: Mode,
+    model: &str,
+) -> Result<(Incoming, usize), Ending> {
+    let message = message.ok_or(Ending::Gone)??;
+    let bytes = message.len();
+    Ok((Incoming::of(message, mode, model), bytes))
 }
 
 /// Client-supplied text as a text log may show it: control characters (line breaks,
