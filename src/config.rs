@@ -52,6 +52,32 @@ pub struct ServerSettings {
     pub ws_max_message_bytes: usize,
     /// Upstream calls in flight across all models; beyond it requests get 503.
     pub max_concurrent_upstream: usize,
+    /// WebSocket sessions: budgets of the prompts sent ahead, pings and the idle timeout.
+    pub ws: WsSettings,
+}
+
+/// WebSocket sessions (`/ws/model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WsSettings {
+    /// Bytes of the prompts one connection may send ahead while an answer streams.
+    pub max_queued_bytes: usize,
+    /// Bytes of the prompts sent ahead on all connections together.
+    pub max_queued_bytes_total: usize,
+    /// How often a connection with nothing streaming is pinged.
+    pub ping_interval: Duration,
+    /// How long a connection with nothing streaming may stay silent (no message, no pong).
+    pub idle_timeout: Duration,
+}
+
+impl WsSettings {
+    /// A chat client sends one prompt and waits; prompts of a few KB fill the queue's 16
+    /// places before 64 KiB, and a larger one is taken whenever nothing streams.
+    const MAX_QUEUED_BYTES: usize = 64 * 1024;
+    /// What 1,024 connections at their own budget hold.
+    const MAX_QUEUED_BYTES_TOTAL: usize = 64 * 1024 * 1024;
+    const PING_INTERVAL: Duration = Duration::from_secs(30);
+    /// Three pings unanswered.
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 }
 
 /// Limits on client connections, so that clients without a key cannot hold them all.
@@ -202,6 +228,11 @@ struct RawConfig {
     max_body_bytes: Option<NonZeroUsize>,
     ws_max_message_bytes: Option<NonZeroUsize>,
     max_concurrent_upstream: Option<NonZeroUsize>,
+    // WebSocket sessions: see `WsSettings`.
+    ws_max_queued_bytes: Option<NonZeroUsize>,
+    ws_max_queued_bytes_total: Option<NonZeroUsize>,
+    ws_ping_interval: Option<Spanned<Wait>>,
+    ws_idle_timeout: Option<Spanned<Wait>>,
     max_messages: Option<NonZeroUsize>,
     max_input_chars: Option<NonZeroUsize>,
     // Client connections.
@@ -486,6 +517,13 @@ impl Config {
                 wait.into_inner().0
             })
         };
+        let ws = ws_settings(
+            raw.ws_max_queued_bytes,
+            raw.ws_max_queued_bytes_total,
+            raw.ws_ping_interval,
+            raw.ws_idle_timeout,
+            &at,
+        )?;
         Ok(Config {
             source: source.to_owned(),
             listen: raw.listen,
@@ -499,6 +537,7 @@ impl Config {
                     .ws_max_message_bytes
                     .map_or(1024 * 1024, NonZeroUsize::get),
                 max_concurrent_upstream: raw.max_concurrent_upstream.map_or(512, NonZeroUsize::get),
+                ws,
             },
             connections: ConnectionSettings {
                 max_connections: raw.max_connections.map(NonZeroUsize::get),
@@ -545,6 +584,38 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The WebSocket settings, defaults applied; the idle timeout must leave room for a ping.
+fn ws_settings(
+    max_queued_bytes: Option<NonZeroUsize>,
+    max_queued_bytes_total: Option<NonZeroUsize>,
+    ping_interval: Option<Spanned<Wait>>,
+    idle_timeout: Option<Spanned<Wait>>,
+    at: &At,
+) -> Result<WsSettings, ConfigError> {
+    let ping_interval_value = ping_interval
+        .as_ref()
+        .map_or(WsSettings::PING_INTERVAL, |wait| wait.get_ref().0);
+    let idle_timeout_value = idle_timeout
+        .as_ref()
+        .map_or(WsSettings::IDLE_TIMEOUT, |wait| wait.get_ref().0);
+    if idle_timeout_value <= ping_interval_value {
+        let span = idle_timeout.or(ping_interval).map(|wait| wait.span());
+        return Err(at(
+            span,
+            format!(
+                "`ws_idle_timeout` ({idle_timeout_value:?}) must be longer than `ws_ping_interval` ({ping_interval_value:?})"
+            ),
+        ));
+    }
+    Ok(WsSettings {
+        max_queued_bytes: max_queued_bytes.map_or(WsSettings::MAX_QUEUED_BYTES, NonZeroUsize::get),
+        max_queued_bytes_total: max_queued_bytes_total
+            .map_or(WsSettings::MAX_QUEUED_BYTES_TOTAL, NonZeroUsize::get),
+        ping_interval: ping_interval_value,
+        idle_timeout: idle_timeout_value,
+    })
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -866,6 +937,20 @@ mod tests {
             err.to_string().starts_with("test.toml, line 5: model `a`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ws_idle_timeout_must_be_longer_than_the_ping_interval() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let err = error_of(&format!(
+            "ws_ping_interval = \"30s\"\nws_idle_timeout = \"30s\"\n{model}"
+        ));
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.message.contains("`ws_idle_timeout`"), "{err}");
+        let config = Config::parse(&format!("ws_idle_timeout = \"5m\"\n{model}"), "t").unwrap();
+        assert_eq!(config.server.ws.idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.server.ws.ping_interval, Duration::from_secs(30));
+        assert_eq!(config.server.ws.max_queued_bytes, 64 * 1024);
     }
 
     #[test]

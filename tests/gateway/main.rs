@@ -9,6 +9,7 @@ mod emulator_selftest;
 mod faults;
 mod hostile_connections;
 mod hostile_prompts;
+mod hostile_ws;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]
