@@ -27,6 +27,10 @@ pub struct Config {
     pub listen: Option<String>,
     /// Browser origins allowed besides the gateway's own (CORS and WebSocket handshakes).
     pub allowed_origins: Vec<String>,
+    /// The origins under which browsers reach the gateway besides its listen address
+    /// (`https://gw.example.com` behind a proxy): its own pages, and the only hosts a
+    /// browser request may name.
+    pub public_origins: Vec<String>,
     pub server: ServerSettings,
     /// Keys clients must present; none means the gateway is open (on loopback only).
     pub api_keys: Vec<ApiKeySpec>,
@@ -48,6 +52,9 @@ pub struct ServerSettings {
     pub ws_max_message_bytes: usize,
     /// Upstream calls in flight across all models; beyond it requests get 503.
     pub max_concurrent_upstream: usize,
+    // Hostile-HTTP limits (issue 15).
+    /// How long a client has, from its request's headers, to send the whole body (408 after).
+    pub body_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -62,8 +69,7 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
-    /// From sending the request to the first chunk (or the whole answer for `/invoke`'s
-    /// non-streaming call, which `total_timeout` bounds).
+    /// From sending the request to the first chunk, on every transport (`/invoke` too).
     pub first_token_timeout: Duration,
     /// Longest silence between two chunks.
     pub idle_timeout: Duration,
@@ -179,6 +185,11 @@ struct RawConfig {
     listen: Option<String>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    /// Hostile-HTTP settings (issue 15): see `Config::public_origins` and
+    /// `ServerSettings::body_read_timeout`.
+    #[serde(default)]
+    public_origins: Vec<Spanned<String>>,
+    body_read_timeout: Option<Spanned<Wait>>,
     shutdown_grace: Option<Spanned<Wait>>,
     slow_client_timeout: Option<Spanned<Wait>>,
     sse_keep_alive: Option<Spanned<Wait>>,
@@ -459,10 +470,24 @@ impl Config {
                 wait.into_inner().0
             })
         };
+        let mut public_origins = Vec::with_capacity(raw.public_origins.len());
+        for origin in raw.public_origins {
+            if !is_origin(origin.get_ref()) {
+                return Err(at(
+                    Some(origin.span()),
+                    format!(
+                        "`public_origins`: `{}` is not an origin; write a scheme and a host, with a port if not the default, and no path (e.g. \"https://gw.example.com\")",
+                        origin.get_ref()
+                    ),
+                ));
+            }
+            public_origins.push(origin.into_inner());
+        }
         Ok(Config {
             source: source.to_owned(),
             listen: raw.listen,
             allowed_origins: raw.allowed_origins,
+            public_origins,
             server: ServerSettings {
                 shutdown_grace: wait(raw.shutdown_grace, 30),
                 slow_client_timeout: wait(raw.slow_client_timeout, 30),
@@ -472,6 +497,7 @@ impl Config {
                     .ws_max_message_bytes
                     .map_or(1024 * 1024, NonZeroUsize::get),
                 max_concurrent_upstream: raw.max_concurrent_upstream.map_or(512, NonZeroUsize::get),
+                body_read_timeout: wait(raw.body_read_timeout, 10),
             },
             api_keys,
             api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),
@@ -510,6 +536,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `text` is a web origin as browsers write it: `http(s)://host[:port]`, no path.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, authority)) = text.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && authority.parse::<poem::http::uri::Authority>().is_ok()
+        && !authority.contains(['/', '@', '?', '#'])
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

@@ -7,6 +7,7 @@ mod cancellation;
 mod emulator;
 mod emulator_selftest;
 mod faults;
+mod hostile_http;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]
