@@ -274,7 +274,11 @@ mod tests {
             "model=a&prompt=50%",
             "model=a&pr%6Fmpt=%FF",
         ] {
-            assert_eq!(check_query(bad).unwrap_err().code(), "invalid_request", "{bad}");
+            assert_eq!(
+                check_query(bad).unwrap_err().code(),
+                "invalid_request",
+                "{bad}"
+            );
         }
     }
 }

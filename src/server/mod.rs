@@ -12,6 +12,7 @@ mod ws;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::{
     Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route,
@@ -23,7 +24,6 @@ use poem::{
     middleware::Cors,
     web::Data,
 };
-use futures_util::StreamExt;
 use poem_openapi::OpenApiService;
 use tokio::net::TcpSocket;
 

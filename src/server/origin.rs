@@ -160,7 +160,10 @@ mod tests {
     fn a_rebound_host_is_refused_whatever_the_origin_says() {
         let policy = policy(&["*"], &[]);
         let rebound = marks(Some("http://evil.example:8080"), None, "evil.example:8080");
-        assert_eq!(policy.classify(rebound, true).unwrap_err().code(), "forbidden");
+        assert_eq!(
+            policy.classify(rebound, true).unwrap_err().code(),
+            "forbidden"
+        );
     }
 
     #[test]
@@ -176,7 +179,10 @@ mod tests {
         let listed = marks(Some("https://chat.example.com"), None, BOUND);
         assert_eq!(policy.classify(listed, true).unwrap(), Origin::Cross);
         let refused = marks(Some("https://evil.example"), None, BOUND);
-        assert_eq!(policy.classify(refused, true).unwrap_err().code(), "forbidden");
+        assert_eq!(
+            policy.classify(refused, true).unwrap_err().code(),
+            "forbidden"
+        );
     }
 
     #[test]
@@ -194,7 +200,10 @@ mod tests {
     #[test]
     fn a_wildcard_must_be_explicit() {
         let any = marks(Some("https://any.where"), None, BOUND);
-        assert_eq!(policy(&["*"], &[]).classify(any, true).unwrap(), Origin::Cross);
+        assert_eq!(
+            policy(&["*"], &[]).classify(any, true).unwrap(),
+            Origin::Cross
+        );
         assert!(policy(&[], &[]).classify(any, true).is_err());
     }
 }

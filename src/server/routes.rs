@@ -51,10 +51,12 @@ pub const ROUTES: &[RouteSpec] = &[
 
 /// The route a path belongs to, if any.
 pub fn route_of(path: &str) -> Option<&'static RouteSpec> {
-    ROUTES.iter().find(|route| match route.path.strip_suffix('*') {
-        Some(prefix) => path.starts_with(prefix),
-        None => route.path == path,
-    })
+    ROUTES
+        .iter()
+        .find(|route| match route.path.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => route.path == path,
+        })
 }
 
 /// The metrics label of a path: its route's, or `other`, so that random paths cannot grow

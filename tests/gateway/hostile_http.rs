@@ -19,9 +19,7 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
-use crate::app::{
-    App, LLAMA_ID, expect_error, registry, spawn_app, spawn_app_with,
-};
+use crate::app::{App, LLAMA_ID, expect_error, registry, spawn_app, spawn_app_with};
 use crate::auth::{KEY, spawn_with_keys, spawn_with_keys_and_settings};
 use crate::emulator::Scenario;
 use crate::ws::{connect_json, next_json};
@@ -139,9 +137,15 @@ async fn a_dns_rebinding_page_is_refused_on_http_and_at_the_websocket_handshake(
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 403)
         }
-        other => panic!("expected a 403 at the handshake, got {:?}", other.map(|_| ())),
+        other => panic!(
+            "expected a 403 at the handshake, got {:?}",
+            other.map(|_| ())
+        ),
     }
-    assert!(app.emulator.requests().is_empty(), "nothing reached the model");
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reached the model"
+    );
 
     let own = reqwest::Client::new()
         .post(format!("{}/invoke", app.url))
@@ -166,7 +170,10 @@ async fn a_cross_site_get_stream_without_origin_is_refused_and_reaches_nothing()
     for site in ["cross-site", "same-site"] {
         expect_error(get_stream(site).await.unwrap(), 403, "forbidden").await;
     }
-    assert!(app.emulator.requests().is_empty(), "nothing reached the model");
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reached the model"
+    );
     let page = get_stream("same-origin").await.unwrap();
     assert_eq!(page.status(), 200, "the gateway's own page may stream");
 }
@@ -175,7 +182,10 @@ async fn a_cross_site_get_stream_without_origin_is_refused_and_reaches_nothing()
 async fn wait_open_streams(app: &App, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while app.emulator.open_streams() < n {
-        assert!(Instant::now() < deadline, "{n} upstream calls never started");
+        assert!(
+            Instant::now() < deadline,
+            "{n} upstream calls never started"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -215,7 +225,11 @@ async fn concurrent_streams_limits_invoke_too() {
     let second = invoke_with_key(&app).await;
     assert!(second.headers().contains_key("retry-after"));
     expect_error(second, 429, "rate_limited").await;
-    assert_eq!(app.emulator.requests().len(), 1, "one upstream call at a time");
+    assert_eq!(
+        app.emulator.requests().len(),
+        1,
+        "one upstream call at a time"
+    );
     slow.abort();
 }
 
@@ -292,8 +306,13 @@ async fn get_stream_refuses_unknown_parameters_and_malformed_escapes() {
         let response = app.get(&format!("/stream?{query}")).await;
         expect_error(response, 400, "invalid_request").await;
     }
-    assert!(app.emulator.requests().is_empty(), "nothing reached the model");
-    let fine = app.get("/stream?model=llama3&prompt=caf%C3%A9+au+lait").await;
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reached the model"
+    );
+    let fine = app
+        .get("/stream?model=llama3&prompt=caf%C3%A9+au+lait")
+        .await;
     assert_eq!(fine.status(), 200);
 }
 
@@ -309,7 +328,10 @@ async fn an_encoded_request_body_gets_415() {
         .await
         .unwrap();
     expect_error(encoded, 415, "unsupported_media_type").await;
-    assert!(app.emulator.requests().is_empty(), "nothing reached the model");
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reached the model"
+    );
 }
 
 #[tokio::test]
@@ -323,7 +345,13 @@ async fn metrics_need_a_key_when_keys_are_configured() {
         .await
         .unwrap();
     assert_eq!(metrics.status(), 200);
-    assert!(metrics.text().await.unwrap().contains("modelgate_requests_total"));
+    assert!(
+        metrics
+            .text()
+            .await
+            .unwrap()
+            .contains("modelgate_requests_total")
+    );
 }
 
 #[tokio::test]
@@ -347,7 +375,9 @@ async fn a_model_name_with_line_breaks_cannot_forge_a_log_line() {
     }
     let logs = app.logs();
     assert!(
-        !logs.lines().any(|line| line.trim_start().starts_with("FORGED")),
+        !logs
+            .lines()
+            .any(|line| line.trim_start().starts_with("FORGED")),
         "{logs}"
     );
 }
