@@ -870,6 +870,23 @@ mod tests {
     }
 
     #[test]
+    fn public_origins_must_be_origins_and_body_read_timeout_defaults_to_10s() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let err = error_of(&format!(
+            "public_origins = [\"https://gw.example.com/chat\"]\n{model}"
+        ));
+        assert_eq!(err.line, Some(1), "{err}");
+        assert!(err.message.contains("public_origins"), "{err}");
+        let config = Config::parse(
+            &format!("public_origins = [\"https://gw.example.com\"]\n{model}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.public_origins, ["https://gw.example.com"]);
+        assert_eq!(config.server.body_read_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
     fn the_format_is_inferred_from_well_known_model_ids() {
         let config = Config::parse(
             "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"us.anthropic.claude-3-haiku-20240307-v1:0\"\n",

@@ -94,12 +94,30 @@ async fn unauthenticated_slow_bodies_get_401_at_once_and_pin_no_memory() {
         assert!(status.starts_with("HTTP/1.1 401"), "{status}");
     }
     let grown_mib = app.rss_kib().saturating_sub(before) / 1024;
+    println!("200 unauthenticated slow 1 MiB bodies: RSS +{grown_mib} MiB");
     assert!(
         grown_mib < 64,
         "200 unauthenticated 1 MiB bodies grew the gateway by {grown_mib} MiB"
     );
     assert!(app.emulator.requests().is_empty());
     drop(answered);
+}
+
+#[tokio::test]
+async fn an_unauthenticated_malformed_body_gets_401_and_no_parse_details() {
+    let app = spawn_with_keys("").await;
+    let malformed = reqwest::Client::new()
+        .post(format!("{}/invoke", app.url))
+        .header("content-type", "application/json")
+        .body(r#"{"model": "llama3", "promt": "#)
+        .send()
+        .await
+        .unwrap();
+    let message = expect_error(malformed, 401, "unauthorized").await;
+    assert!(
+        !message.contains("promt") && !message.contains("EOF"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
