@@ -1,9 +1,11 @@
 //! Which browser requests the gateway serves (HTTP with CORS, and WebSocket handshakes).
 //!
 //! The gateway's own origins are its listen address as bound (`http://127.0.0.1:PORT`, and
-//! `http://localhost:PORT` on loopback) and the configured `public_origins` — never what a
-//! request's `Host` says, which a DNS-rebinding page controls. A browser request (one with
-//! an `Origin` or a `Sec-Fetch-Site` header) must name one of the gateway's own hosts, and
+//! `http://localhost:PORT` on loopback) and the configured `public_origins` — never a name
+//! a request's `Host` says, which a DNS-rebinding page controls (an IP address in `Host`
+//! cannot be rebound: a page served at that address is the gateway's, through a proxy or
+//! not). A browser request (one with an `Origin` or a `Sec-Fetch-Site` header) must name
+//! one of the gateway's own hosts or an IP address, and
 //! a cross-site one may call the API only from an origin listed in `allowed_origins` (or
 //! any when `"*"` is written). Clients that are not browsers send neither header and are
 //! not concerned.
@@ -75,7 +77,10 @@ impl OriginPolicy {
             return Ok(Origin::Same);
         }
         let host = marks.host.unwrap_or_default().to_ascii_lowercase();
-        if !self.own_hosts.contains(&host) {
+        // A browser names an IP address only when its page's URL does: DNS rebinding needs a
+        // name, so a page served at that address (through a proxy, say) is the gateway's.
+        let by_address = is_ip_address(&host);
+        if !by_address && !self.own_hosts.contains(&host) {
             return Err(Error::Forbidden(
                 "a browser request for a host this gateway does not serve; browsers reach it \
                  at its listen address or at an origin listed in `public_origins`"
@@ -93,7 +98,7 @@ impl OriginPolicy {
             };
         };
         let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        if self.own.contains(&origin) {
+        if (by_address && host_of(&origin) == host) || self.own.contains(&origin) {
             Ok(Origin::Same)
         } else if self.any || self.allowed.contains(&origin) {
             Ok(Origin::Cross)
@@ -104,6 +109,17 @@ impl OriginPolicy {
             )))
         }
     }
+}
+
+/// Whether a `Host` value (`host[:port]`) names an IP address rather than a name.
+fn is_ip_address(host: &str) -> bool {
+    let address = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed
+            .split_once(']')
+            .map_or(bracketed, |(address, _)| address),
+        None => host.rsplit_once(':').map_or(host, |(address, _)| address),
+    };
+    address.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// The `host[:port]` of an origin, the default port left out as browsers do in `Host`.
@@ -164,6 +180,25 @@ mod tests {
             policy.classify(rebound, true).unwrap_err().code(),
             "forbidden"
         );
+    }
+
+    #[test]
+    fn a_page_reached_by_ip_address_is_same_origin_whatever_the_port() {
+        let policy = policy(&[], &[]);
+        for (origin, host) in [
+            ("http://127.0.0.1:9999", "127.0.0.1:9999"),
+            ("http://192.168.1.5:8080", "192.168.1.5:8080"),
+            ("http://[::1]:9999", "[::1]:9999"),
+        ] {
+            let proxied = marks(Some(origin), Some("same-origin"), host);
+            assert_eq!(
+                policy.classify(proxied, true).unwrap(),
+                Origin::Same,
+                "{origin}"
+            );
+        }
+        let other = marks(Some("http://127.0.0.1:1"), None, "127.0.0.1:9999");
+        assert!(policy.classify(other, true).is_err());
     }
 
     #[test]
