@@ -29,8 +29,10 @@ pub struct ApiKey {
     sha256: [u8; 32],
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
-    streams: Option<Arc<Semaphore>>,
-    concurrent_streams: usize,
+    /// The key's upstream calls in flight (config `concurrent_streams`: every call counts,
+    /// `/invoke` as much as a stream).
+    calls: Option<Arc<Semaphore>>,
+    concurrent_calls: usize,
 }
 
 /// Who is calling: their key when keys are configured, `None` on an open gateway.
@@ -54,11 +56,11 @@ impl Auth {
                         sha256: spec.sha256,
                         requests: spec.limits.requests_per_minute.map(per_minute),
                         tokens: spec.limits.tokens_per_minute.map(per_minute),
-                        streams: spec
+                        calls: spec
                             .limits
                             .concurrent_streams
                             .map(|n| Arc::new(Semaphore::new(n.get()))),
-                        concurrent_streams: spec.limits.concurrent_streams.map_or(0, |n| n.get()),
+                        concurrent_calls: spec.limits.concurrent_streams.map_or(0, |n| n.get()),
                     })
                 })
                 .collect(),
@@ -124,8 +126,19 @@ impl Caller {
     }
 
     /// Takes one request from the key's per-minute budget and checks it has tokens left.
+    /// Called last, once every other check passed, so that a refused request costs nothing.
     pub fn admit(&self) -> Result<()> {
         let Some(key) = &self.0 else { return Ok(()) };
+        if let Some(tokens) = &key.tokens {
+            // This takes one token (so that a refusal below costs next to nothing); the
+            // tokens the request uses are taken when it ends (`spend_tokens`).
+            tokens.check().map_err(|not_until| {
+                rate_limited(
+                    format!("API key `{}` has used its tokens per minute", key.id),
+                    &not_until,
+                )
+            })?;
+        }
         if let Some(requests) = &key.requests {
             requests.check().map_err(|not_until| {
                 rate_limited(
@@ -134,30 +147,20 @@ impl Caller {
                 )
             })?;
         }
-        if let Some(tokens) = &key.tokens {
-            // This takes one token; the tokens the request uses are taken when it ends
-            // (`spend_tokens`).
-            tokens.check().map_err(|not_until| {
-                rate_limited(
-                    format!("API key `{}` has used its tokens per minute", key.id),
-                    &not_until,
-                )
-            })?;
-        }
         Ok(())
     }
 
-    /// A slot among the key's concurrent streams, held for the stream's whole life.
-    pub fn stream_permit(&self) -> Result<Option<OwnedSemaphorePermit>> {
+    /// A slot among the key's concurrent upstream calls, held for the call's whole life.
+    pub fn call_permit(&self) -> Result<Option<OwnedSemaphorePermit>> {
         let Some(key) = &self.0 else { return Ok(None) };
-        let Some(streams) = &key.streams else {
+        let Some(calls) = &key.calls else {
             return Ok(None);
         };
-        streams.clone().try_acquire_owned().map(Some).map_err(|_| {
+        calls.clone().try_acquire_owned().map(Some).map_err(|_| {
             Error::RateLimited(
                 format!(
-                    "API key `{}` already has {} streams open; wait for one to end",
-                    key.id, key.concurrent_streams
+                    "API key `{}` already has {} upstream calls in flight (concurrent_streams); wait for one to end",
+                    key.id, key.concurrent_calls
                 ),
                 1,
             )
@@ -286,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_streams_are_limited_while_permits_live() {
+    fn concurrent_calls_are_limited_while_permits_live() {
         let auth = auth(KeyLimits {
             concurrent_streams: std::num::NonZeroUsize::new(1),
             ..KeyLimits::default()
@@ -294,9 +297,9 @@ mod tests {
         let caller = auth
             .authenticate(&request(Some("Bearer s3cret"), "/"))
             .unwrap();
-        let held = caller.stream_permit().unwrap();
-        assert!(caller.stream_permit().is_err());
+        let held = caller.call_permit().unwrap();
+        assert!(caller.call_permit().is_err());
         drop(held);
-        assert!(caller.stream_permit().is_ok());
+        assert!(caller.call_permit().is_ok());
     }
 }

@@ -30,6 +30,10 @@ pub struct Config {
     pub listen: Option<String>,
     /// Browser origins allowed besides the gateway's own (CORS and WebSocket handshakes).
     pub allowed_origins: Vec<String>,
+    /// The origins under which browsers reach the gateway besides its listen address
+    /// (`https://gw.example.com` behind a proxy): its own pages, and the only hosts a
+    /// browser request may name.
+    pub public_origins: Vec<String>,
     pub server: ServerSettings,
     pub connections: ConnectionSettings,
     /// Keys clients must present; none means the gateway is open (on loopback only).
@@ -52,6 +56,8 @@ pub struct ServerSettings {
     pub ws_max_message_bytes: usize,
     /// Upstream calls in flight across all models; beyond it requests get 503.
     pub max_concurrent_upstream: usize,
+    /// How long a client has, from its request's headers, to send the whole body (408 after).
+    pub body_read_timeout: Duration,
     /// WebSocket sessions: budgets of the prompts sent ahead, pings and the idle timeout.
     pub ws: WsSettings,
 }
@@ -105,8 +111,7 @@ pub struct ModelSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
-    /// From sending the request to the first chunk (or the whole answer for `/invoke`'s
-    /// non-streaming call, which `total_timeout` bounds).
+    /// From sending the request to the first chunk, on every transport (`/invoke` too).
     pub first_token_timeout: Duration,
     /// Longest silence between two chunks.
     pub idle_timeout: Duration,
@@ -222,6 +227,9 @@ struct RawConfig {
     listen: Option<String>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    #[serde(default)]
+    public_origins: Vec<Spanned<String>>,
+    body_read_timeout: Option<Spanned<Wait>>,
     shutdown_grace: Option<Spanned<Wait>>,
     slow_client_timeout: Option<Spanned<Wait>>,
     sse_keep_alive: Option<Spanned<Wait>>,
@@ -517,6 +525,19 @@ impl Config {
                 wait.into_inner().0
             })
         };
+        let mut public_origins = Vec::with_capacity(raw.public_origins.len());
+        for origin in raw.public_origins {
+            if !is_origin(origin.get_ref()) {
+                return Err(at(
+                    Some(origin.span()),
+                    format!(
+                        "`public_origins`: `{}` is not an origin; write a scheme and a host, with a port if not the default, and no path (e.g. \"https://gw.example.com\")",
+                        origin.get_ref()
+                    ),
+                ));
+            }
+            public_origins.push(origin.into_inner());
+        }
         let ws = ws_settings(
             raw.ws_max_queued_bytes,
             raw.ws_max_queued_bytes_total,
@@ -528,6 +549,7 @@ impl Config {
             source: source.to_owned(),
             listen: raw.listen,
             allowed_origins: raw.allowed_origins,
+            public_origins,
             server: ServerSettings {
                 shutdown_grace: wait(raw.shutdown_grace, 30),
                 slow_client_timeout: wait(raw.slow_client_timeout, 30),
@@ -537,6 +559,7 @@ impl Config {
                     .ws_max_message_bytes
                     .map_or(1024 * 1024, NonZeroUsize::get),
                 max_concurrent_upstream: raw.max_concurrent_upstream.map_or(512, NonZeroUsize::get),
+                body_read_timeout: wait(raw.body_read_timeout, 10),
                 ws,
             },
             connections: ConnectionSettings {
@@ -616,6 +639,16 @@ fn ws_settings(
         ping_interval: ping_interval_value,
         idle_timeout: idle_timeout_value,
     })
+}
+
+/// Whether `text` is a web origin as browsers write it: `http(s)://host[:port]`, no path.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, authority)) = text.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && authority.parse::<poem::http::uri::Authority>().is_ok()
+        && !authority.contains(['/', '@', '?', '#'])
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
@@ -951,6 +984,23 @@ mod tests {
         assert_eq!(config.server.ws.idle_timeout, Duration::from_secs(300));
         assert_eq!(config.server.ws.ping_interval, Duration::from_secs(30));
         assert_eq!(config.server.ws.max_queued_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn public_origins_must_be_origins_and_body_read_timeout_defaults_to_10s() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let err = error_of(&format!(
+            "public_origins = [\"https://gw.example.com/chat\"]\n{model}"
+        ));
+        assert_eq!(err.line, Some(1), "{err}");
+        assert!(err.message.contains("public_origins"), "{err}");
+        let config = Config::parse(
+            &format!("public_origins = [\"https://gw.example.com\"]\n{model}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.public_origins, ["https://gw.example.com"]);
+        assert_eq!(config.server.body_read_timeout, Duration::from_secs(10));
     }
 
     #[test]

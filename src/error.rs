@@ -29,6 +29,12 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     TooLarge(String),
+    /// The client did not send its whole request body within `body_read_timeout`.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// A request body in an encoding (`Content-Encoding`) or media type the gateway does not read.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// No API key, or one the gateway does not know.
     #[error("{0}")]
     Unauthorized(String),
@@ -70,6 +76,8 @@ impl Error {
             Error::UnknownModel(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Throttled(_) | Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
@@ -90,6 +98,8 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::TooLarge(_) => "too_large",
+            Error::RequestTimeout(_) => "request_timeout",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::Throttled(_) => "throttled",
@@ -136,6 +146,8 @@ impl Error {
             StatusCode::NOT_FOUND => Error::NotFound(message),
             StatusCode::METHOD_NOT_ALLOWED => Error::MethodNotAllowed(message),
             StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(message),
+            StatusCode::REQUEST_TIMEOUT => Error::RequestTimeout(message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::UnsupportedMediaType(message),
             StatusCode::FORBIDDEN => Error::Forbidden(message),
             StatusCode::UNAUTHORIZED => Error::Unauthorized(message),
             _ => Error::InvalidRequest(message),
@@ -153,7 +165,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Object)]
 pub struct ErrorDetail {
     /// Stable machine-readable code: `invalid_request`, `unknown_model`, `too_large`,
-    /// `throttled`, `upstream_error`, `upstream_unavailable`, `model_loading`, `upstream_timeout`, ...
+    /// `request_timeout`, `unsupported_media_type`, `throttled`, `upstream_error`, `upstream_unavailable`, `model_loading`, `upstream_timeout`, ...
     pub code: String,
     /// What went wrong and, where the client can do something about it, what to do.
     pub message: String,
@@ -220,8 +232,18 @@ impl ApiResponse for Error {
                 error_response(403, "`forbidden`: the browser origin is not allowed", false),
                 error_response(404, "`unknown_model`: no model of that name", false),
                 error_response(
+                    408,
+                    "`request_timeout`: the request body did not arrive within `body_read_timeout`",
+                    false,
+                ),
+                error_response(
                     413,
                     "`too_large`: the request body is over the limit",
+                    false,
+                ),
+                error_response(
+                    415,
+                    "`unsupported_media_type`: a body that is not JSON, or in a `Content-Encoding` other than `identity`",
                     false,
                 ),
                 error_response(

@@ -1,5 +1,6 @@
 //! What every transport asks of the gateway: admit a request (shutdown, capacity, the
-//! caller's limits), start the upstream call, and hand back the answer.
+//! caller's limits), start the upstream call, and hand back the answer as a stream (the
+//! whole answer of `/invoke` is that stream collected).
 
 use std::{
     sync::Arc,
@@ -15,7 +16,6 @@ use crate::{
     config::{Config, ServerSettings},
     error::{Error, Result},
     generation::{Generation, Pump, Transport},
-    provider::Completion,
     registry::{Model, Registry},
     request::GenerateRequest,
     telemetry,
@@ -64,43 +64,6 @@ impl Gateway {
         }
     }
 
-    /// The whole answer, and how long the upstream took to give it.
-    pub async fn complete(
-        &self,
-        request: GenerateRequest,
-        caller: &Caller,
-        client_gone: &CancellationToken,
-    ) -> Result<(Arc<Model>, Completion, Duration)> {
-        let (model, request) = self.registry.prepare(request, caller.id())?;
-        let _permits = self.admit(&model, caller, false)?;
-        let _in_flight = self.shutdown.work.token();
-        let started = Instant::now();
-        let timeout = model.spec.upstream.total_timeout;
-        let completion = tokio::select! {
-            completion = tokio::time::timeout(timeout, model.complete(request)) => match completion {
-                Ok(completion) => completion,
-                Err(_) => Err(Error::UpstreamTimeout(format!(
-                    "model `{}` did not answer within the total timeout of {timeout:?}",
-                    model.spec.name
-                ))),
-            },
-            _ = self.shutdown.deadline.cancelled() => Err(Error::ShuttingDown),
-            _ = client_gone.cancelled() => Err(Error::ClientClosed),
-        };
-        let waited = started.elapsed();
-        metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model.spec.name.clone())
-            .record(waited.as_secs_f64());
-        match &completion {
-            Ok(completion) => {
-                let usage = completion.finish.usage;
-                telemetry::count_tokens(&model.spec.name, caller.id(), usage);
-                caller.spend_tokens(usage.input_tokens + usage.output_tokens);
-            }
-            Err(err) => telemetry::count_failure(&model.spec.name, err),
-        }
-        Ok((model, completion?, waited))
-    }
-
     /// Starts a streamed answer and waits for its first piece, so that a failure before the
     /// answer begins is an `Err` here — a real HTTP status — rather than an error inside a
     /// stream that already answered 200.
@@ -112,7 +75,7 @@ impl Gateway {
         client_gone: &CancellationToken,
     ) -> Result<Generation> {
         let (model, request) = self.registry.prepare(request, caller.id())?;
-        let permits = self.admit(&model, caller, true)?;
+        let permits = self.admit(&model, caller)?;
         let started = Instant::now();
         let settings = model.spec.upstream;
         let first = async {
@@ -157,21 +120,15 @@ impl Gateway {
     }
 
     /// Checks that the gateway takes new work and that the caller, the model and the
-    /// gateway are under their limits; the permits returned hold the slots.
-    fn admit(
-        &self,
-        model: &Model,
-        caller: &Caller,
-        streaming: bool,
-    ) -> Result<Vec<OwnedSemaphorePermit>> {
+    /// gateway are under their limits; the permits returned hold the slots. The slots are
+    /// taken first and the caller's per-minute budgets last, so that a refused request
+    /// costs the caller nothing.
+    fn admit(&self, model: &Model, caller: &Caller) -> Result<Vec<OwnedSemaphorePermit>> {
         if self.shutdown.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        caller.admit()?;
         let mut permits = Vec::with_capacity(3);
-        if streaming {
-            permits.extend(caller.stream_permit()?);
-        }
+        permits.extend(caller.call_permit()?);
         let at_capacity =
             |what: String| Error::UpstreamUnavailable(format!("{what}; retry shortly"));
         permits.push(
@@ -191,6 +148,7 @@ impl Gateway {
                 model.spec.name, model.spec.upstream.max_concurrent
             ))
         })?);
+        caller.admit()?;
         Ok(permits)
     }
 }

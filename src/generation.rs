@@ -36,6 +36,8 @@ const BUFFERED_CHUNKS: usize = 32;
 /// Which transport serves a generation, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
+    /// `POST /invoke`: the stream collected into one answer.
+    Invoke,
     Sse,
     WebSocket,
 }
@@ -43,6 +45,7 @@ pub enum Transport {
 impl Transport {
     pub fn as_str(self) -> &'static str {
         match self {
+            Transport::Invoke => "invoke",
             Transport::Sse => "sse",
             Transport::WebSocket => "ws",
         }

@@ -117,12 +117,15 @@ fn main() -> ExitCode {
             api_keys = config.api_keys.len(),
             "starting"
         );
-        let state = AppState {
-            gateway: Arc::new(Gateway::build(&config).await),
-            origins: OriginPolicy::new(&config.allowed_origins),
-            metrics: telemetry::install_metrics(),
+        let gateway = Arc::new(Gateway::build(&config).await);
+        let metrics = telemetry::install_metrics();
+        // The gateway's own origins include the address it actually bound.
+        let state = |bound| AppState {
+            gateway,
+            origins: OriginPolicy::new(&config.allowed_origins, &config.public_origins, bound),
+            metrics,
         };
-        match server::serve(&listen, state, &config.connections).await {
+        match server::serve(&listen, &config.connections, state).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("modelgate: cannot serve on {listen}: {err}");

@@ -11,7 +11,7 @@ use crate::{
     config::{Config, ModelSpec, ProviderSpec},
     error::{Error, Result},
     provider::{
-        ChunkStream, Completion, Provider,
+        ChunkStream, Provider,
         bedrock::{BedrockProvider, ClientPool},
     },
     request::{GenerateRequest, ValidRequest},
@@ -129,10 +129,6 @@ impl Model {
             format: format.into(),
             state: self.provider.state(),
         }
-    }
-
-    pub async fn complete(&self, request: ValidRequest) -> Result<Completion> {
-        self.provider.complete(request).await
     }
 
     pub async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {

@@ -1,7 +1,8 @@
 //! Logging, and the request id every request carries in its span, its logs and its response.
 
 use std::{
-    io::IsTerminal,
+    borrow::Cow,
+    io::{IsTerminal, Write},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -22,40 +23,76 @@ pub enum LogFormat {
 /// Logs go to stderr; `RUST_LOG` overrides the default level (`info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(terminal);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Text logs carry client-supplied values (a model name, a message) as they are:
+        // their control characters are escaped so that none can forge or hide a line.
+        LogFormat::Text => builder
+            .with_writer(move || EscapingWriter {
+                inner: std::io::stderr(),
+                keep_colours: terminal,
+            })
+            .init(),
+        // JSON escapes control characters itself.
+        LogFormat::Json => builder.with_writer(std::io::stderr).json().init(),
     }
 }
 
-const HEADER: &str = "x-request-id";
-
-/// The route label of a path: the known routes by name, everything else as `other`, so
-/// that random paths cannot grow the metrics without bound.
-fn route_label(path: &str) -> &'static str {
-    const ROUTES: &[&str] = &[
-        "/invoke",
-        "/stream",
-        "/ws/model",
-        "/models",
-        "/healthz",
-        "/metrics",
-        "/openapi.json",
-    ];
-    ROUTES
-        .iter()
-        .find(|route| **route == path)
-        .copied()
-        .unwrap_or(if path.starts_with("/docs") {
-            "/docs"
-        } else {
-            "other"
-        })
+/// Writes each log line with its control characters escaped (`\r`, `\n`, `\u{1b}`, …),
+/// except the newline that ends it. On a terminal, where the formatter colours the line
+/// with escape sequences, only line breaks are escaped.
+struct EscapingWriter<W> {
+    inner: W,
+    keep_colours: bool,
 }
+
+impl<W: Write> Write for EscapingWriter<W> {
+    /// The formatter hands over one whole event per call.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(line);
+        let (body, end) = match text.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (text.as_ref(), ""),
+        };
+        let escaped = escape_controls(body, self.keep_colours);
+        self.inner.write_all(escaped.as_bytes())?;
+        self.inner.write_all(end.as_bytes())?;
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `text` with its control characters (C0 but tab, DEL, C1, and the Unicode line and
+/// paragraph separators) escaped; with `keep_colours`, only CR and LF.
+fn escape_controls(text: &str, keep_colours: bool) -> Cow<'_, str> {
+    let escaped = |c: char| {
+        if keep_colours {
+            matches!(c, '\r' | '\n')
+        } else {
+            (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}')
+        }
+    };
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+const HEADER: &str = "x-request-id";
 
 /// Gives each request an id (the client's `x-request-id` if it sent a sane one), a span
 /// carrying it, one log line with status and latency, the id in the response, and its
@@ -78,7 +115,7 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
     async fn call(&self, mut request: Request) -> poem::Result<Response> {
         let note = Arc::new(RequestNote::default());
         request.extensions_mut().insert(note.clone());
-        let route = route_label(request.uri().path());
+        let route = crate::server::route_label(request.uri().path());
         let id = request
             .headers()
             .get(HEADER)
@@ -200,5 +237,34 @@ impl RequestNote {
     /// The note a request carries, if the middleware gave it one.
     pub fn of(request: &Request) -> Option<&Arc<RequestNote>> {
         request.extensions().get::<Arc<RequestNote>>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_cannot_forge_a_log_line() {
+        let mut written = Vec::new();
+        let mut writer = EscapingWriter {
+            inner: &mut written,
+            keep_colours: false,
+        };
+        writer
+            .write_all(b"INFO model=x\r\nFORGED \x1b[2Jtab\there\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            "INFO model=x\\r\\nFORGED \\u{1b}[2Jtab\there\n"
+        );
+    }
+
+    #[test]
+    fn on_a_terminal_colours_stay_and_line_breaks_are_escaped() {
+        assert_eq!(
+            escape_controls("\x1b[32mINFO\x1b[0m a\r\nb", true),
+            "\x1b[32mINFO\x1b[0m a\\r\\nb"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The HTTP API described by the OpenAPI document: `/invoke`, `/stream`, `/models`, `/healthz`.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use futures_util::StreamExt;
 use poem::{Request, web::Data};
@@ -10,9 +10,10 @@ use super::{
     AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody, sse::EventStream,
 };
 use crate::{
+    auth::Caller,
     error::Error,
     generation::Transport,
-    provider::{StopReason, Usage},
+    provider::{StopReason, Usage, collect},
     registry::ModelInfo,
     request::GenerateRequest,
     telemetry::RequestNote,
@@ -59,20 +60,31 @@ impl Api {
     async fn invoke(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        Data(caller): Data<&Caller>,
         http: &Request,
         request: JsonBody<GenerateRequest>,
     ) -> Result<Json<InvokeResponse>, Error> {
-        let caller = state.gateway.auth.authenticate(http)?;
         note_model(state, http, &request.0);
-        let (model, completion, waited) = state
+        let model = request.0.model.clone();
+        let client_gone = ClientGone::of(http);
+        // The whole answer is the stream collected: the same admission, timeouts and
+        // accounting as `/stream`.
+        let generation = state
             .gateway
-            .complete(request.0, &caller, &ClientGone::of(http))
+            .stream(request.0, caller, Transport::Invoke, &client_gone)
             .await?;
-        if let Some(note) = RequestNote::of(http) {
-            note.upstream(waited);
+        let upstream_wait = generation.upstream_wait;
+        let collecting = Instant::now();
+        let completion = collect(generation.boxed()).await;
+        if client_gone.is_cancelled() {
+            return Err(Error::ClientClosed);
         }
+        if let Some(note) = RequestNote::of(http) {
+            note.upstream(upstream_wait + collecting.elapsed());
+        }
+        let completion = completion?;
         Ok(Json(InvokeResponse {
-            model: model.spec.name.clone(),
+            model,
             text: completion.text,
             stop_reason: completion.finish.stop_reason,
             usage: completion.finish.usage,
@@ -88,6 +100,7 @@ impl Api {
     async fn stream_get(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        Data(caller): Data<&Caller>,
         http: &Request,
         /// Name of a model in the registry.
         model: Query<String>,
@@ -103,13 +116,14 @@ impl Api {
         #[oai(validator(minimum(value = "0"), maximum(value = "1")))]
         top_p: Query<Option<f64>>,
     ) -> Result<EventStream, Error> {
+        check_query(http.uri().query().unwrap_or_default())?;
         let request = GenerateRequest {
             max_tokens: max_tokens.0,
             temperature: temperature.0,
             top_p: top_p.0,
             ..GenerateRequest::prompt(model.0, prompt.0)
         };
-        stream(state, http, request).await
+        stream(state, caller, http, request).await
     }
 
     /// Stream an answer (JSON body)
@@ -119,10 +133,11 @@ impl Api {
     async fn stream_post(
         &self,
         Data(state): Data<&Arc<AppState>>,
+        Data(caller): Data<&Caller>,
         http: &Request,
         request: JsonBody<GenerateRequest>,
     ) -> Result<EventStream, Error> {
-        stream(state, http, request.0).await
+        stream(state, caller, http, request.0).await
     }
 
     /// List the models
@@ -153,17 +168,17 @@ impl Api {
     }
 }
 
-/// Both `/stream` operations: authenticate, start, and answer with the events.
+/// Both `/stream` operations: start, and answer with the events.
 async fn stream(
     state: &AppState,
+    caller: &Caller,
     http: &Request,
     request: GenerateRequest,
 ) -> Result<EventStream, Error> {
-    let caller = state.gateway.auth.authenticate(http)?;
     note_model(state, http, &request);
     let generation = state
         .gateway
-        .stream(request, &caller, Transport::Sse, &ClientGone::of(http))
+        .stream(request, caller, Transport::Sse, &ClientGone::of(http))
         .await?;
     if let Some(note) = RequestNote::of(http) {
         note.upstream(generation.upstream_wait);
@@ -174,6 +189,65 @@ async fn stream(
     ))
 }
 
+/// The parameters `GET /stream` takes; `api_key` is read by the key check.
+const STREAM_PARAMETERS: &[&str] = &[
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "api_key",
+];
+
+/// Refuses what the lenient query parser would let through, as the JSON body refuses
+/// unknown fields: unknown or repeated parameters, and `%`-escapes that are malformed or
+/// do not decode to UTF-8.
+fn check_query(query: &str) -> Result<(), Error> {
+    let mut seen: Vec<String> = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode_component(name)?;
+        decode_component(value)?;
+        if !STREAM_PARAMETERS.contains(&name.as_str()) {
+            return Err(Error::InvalidRequest(format!(
+                "unknown query parameter `{}`, expected one of {}",
+                name.escape_debug(),
+                STREAM_PARAMETERS.join(", ")
+            )));
+        }
+        if seen.contains(&name) {
+            return Err(Error::InvalidRequest(format!(
+                "the query parameter `{name}` is given more than once"
+            )));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
+/// One `application/x-www-form-urlencoded` component, decoded strictly.
+fn decode_component(component: &str) -> Result<String, Error> {
+    let bytes = component.as_bytes();
+    let malformed = bytes.iter().enumerate().any(|(at, byte)| {
+        *byte == b'%'
+            && !bytes
+                .get(at + 1..at + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(Error::InvalidRequest(
+            "the query string has a malformed `%` escape (write `%25` for a literal `%`)".into(),
+        ));
+    }
+    let spaced = component.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| {
+            Error::InvalidRequest("the query string's `%` escapes do not decode to UTF-8".into())
+        })
+}
+
 /// Tells the metrics which model a request is for — only names the registry knows, so that
 /// clients cannot grow the metrics without bound.
 fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
@@ -181,5 +255,30 @@ fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
         && state.gateway.registry.get(&request.model).is_ok()
     {
         note.model(&request.model);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_query_refuses_unknown_repeated_and_malformed_parameters() {
+        assert!(check_query("model=llama3&prompt=caf%C3%A9+au+lait&api_key=k").is_ok());
+        assert!(check_query("").is_ok());
+        for bad in [
+            "model=a&promt=b",
+            "model=a&model=b",
+            "model=a&prompt=%zz",
+            "model=a&prompt=%C3",
+            "model=a&prompt=50%",
+            "model=a&pr%6Fmpt=%FF",
+        ] {
+            assert_eq!(
+                check_query(bad).unwrap_err().code(),
+                "invalid_request",
+                "{bad}"
+            );
+        }
     }
 }

@@ -5,17 +5,19 @@ mod connection;
 mod events;
 mod json_body;
 mod origin;
+mod routes;
 mod sse;
 mod ui;
 mod ws;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::{
     Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route,
     endpoint::BoxEndpoint,
-    error::{ReadBodyError, ResponseError},
+    error::ResponseError,
     get, handler,
     http::{Method, header},
     listener::{Acceptor, TcpAcceptor},
@@ -27,7 +29,10 @@ use tokio::net::TcpSocket;
 
 pub use origin::OriginPolicy;
 
+pub use routes::label as route_label;
+
 use crate::{config::ConnectionSettings, error::Error, gateway::Gateway, telemetry::RequestId};
+use routes::Access;
 
 /// How long, after draining, the server waits for connections to close by themselves.
 const CLOSE_MARGIN: Duration = Duration::from_secs(5);
@@ -57,9 +62,14 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
     let api = api_service();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
-    let max_body_bytes = state.gateway.settings.max_body_bytes;
+    let body_rules = BodyRules {
+        max_bytes: state.gateway.settings.max_body_bytes,
+        read_timeout: state.gateway.settings.body_read_timeout,
+    };
     let origins = state.origins.clone();
-    let routes = Arc::new(
+    let state = Arc::new(state);
+    let keys = state.clone();
+    let endpoints = Arc::new(
         Route::new()
             .at("/ui/:file", get(ui::asset))
             .at("/ws/model", get(ws::ws_model))
@@ -68,8 +78,9 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
             .at("/openapi.json", spec)
             .nest("/", api)
             .around(ui::page_at_root)
-            .around(move |next, request| limit_body(next, request, max_body_bytes))
-            .data(Arc::new(state))
+            .around(move |next, request| limit_body(next, request, body_rules))
+            .around(move |next, request| require_key(next, request, keys.clone()))
+            .data(state)
             .around(|next, request| async move {
                 let path = request.uri().path().to_owned();
                 Ok(match next.call(request).await {
@@ -80,7 +91,7 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
     );
     // Origins were checked before this runs, so poem's CORS only has to answer.
     let cross_origin = Arc::new(
-        routes.clone().with(
+        endpoints.clone().with(
             Cors::new()
                 .allow_origins_fn(|_| true)
                 .allow_methods([Method::GET, Method::POST])
@@ -89,13 +100,25 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
                 .max_age(600),
         ),
     );
-    routes
+    endpoints
         .around(move |same_origin, request| {
             let cross_origin = cross_origin.clone();
             let origins = origins.clone();
             async move {
                 let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
-                match origins.classify(header(header::ORIGIN), header(header::HOST)) {
+                let marks = origin::BrowserMarks {
+                    origin: header("origin"),
+                    fetch_site: header("sec-fetch-site"),
+                    // HTTP/2 replaces `Host` with `:authority`, which hyper puts in the URI.
+                    host: request
+                        .uri()
+                        .authority()
+                        .map(|authority| authority.as_str())
+                        .or_else(|| header("host")),
+                };
+                let api = routes::route_of(request.uri().path())
+                    .is_some_and(|route| route.access == Access::Api);
+                match origins.classify(marks, api) {
                     Ok(origin::Origin::Same) => same_origin.call(request).await,
                     Ok(origin::Origin::Cross) => cross_origin.call(request).await,
                     Err(err) => Ok(err.as_response()),
@@ -111,56 +134,122 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
 fn error_response(err: &poem::Error, path: &str) -> Response {
     let error = Error::from_poem(err);
     let mut response = error.as_response();
-    if let Error::MethodNotAllowed(_) = error {
-        let allowed = match path {
-            "/invoke" => "POST",
-            "/stream" => "GET, POST",
-            _ => "GET",
-        };
+    if let Error::MethodNotAllowed(_) = error
+        && let Some(route) = routes::route_of(path)
+    {
         response
             .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+            .insert(header::ALLOW, header::HeaderValue::from_static(route.allow));
     }
     response
 }
 
-/// Prometheus text format.
+/// Prometheus text format. Its labels name the API keys, so it is behind a key like the API.
 #[handler]
 fn metrics(Data(state): Data<&Arc<AppState>>) -> String {
     state.metrics.render()
 }
 
-/// Refuses bodies over `limit` bytes with 413, whether or not they announce their length.
+/// Checks the key of every API request from its headers (or its `api_key` parameter),
+/// before anything reads its body, and hands the handlers the [`Caller`].
+async fn require_key<E: Endpoint>(
+    next: E,
+    mut request: Request,
+    state: Arc<AppState>,
+) -> poem::Result<Response> {
+    if routes::route_of(request.uri().path()).is_some_and(|route| route.access == Access::Api) {
+        let caller = state.gateway.auth.authenticate(&request)?;
+        request.extensions_mut().insert(caller);
+    }
+    next.call(request).await.map(IntoResponse::into_response)
+}
+
+/// How request bodies are read.
+#[derive(Debug, Clone, Copy)]
+struct BodyRules {
+    max_bytes: usize,
+    /// From the request's arrival to its body's last byte.
+    read_timeout: Duration,
+}
+
+/// Refuses bodies over the limit with 413, whether or not they announce their length (at
+/// once when they announce it), bodies not sent within the read timeout with 408, and
+/// encoded bodies with 415. Nothing is read here: the body is wrapped so that whoever reads
+/// it gets the error, and nothing more than the limit is ever buffered.
 async fn limit_body<E: Endpoint>(
     next: E,
     mut request: Request,
-    limit: usize,
+    rules: BodyRules,
 ) -> poem::Result<Response> {
-    let too_large = || Error::TooLarge(format!("the request body is over {limit} bytes"));
-    let declared = request
-        .headers()
+    let headers = request.headers();
+    let declared = headers
         .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
-    match declared {
-        Some(length) if length > limit => return Err(too_large().into()),
-        Some(_) => {}
-        None if request.headers().contains_key(header::TRANSFER_ENCODING) => {
-            let body =
-                request
-                    .take_body()
-                    .into_bytes_limit(limit)
-                    .await
-                    .map_err(|err| match err {
-                        ReadBodyError::PayloadTooLarge => too_large(),
-                        other => {
-                            Error::InvalidRequest(format!("cannot read the request body: {other}"))
-                        }
-                    })?;
-            request.set_body(body);
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    let has_body = declared.is_some_and(|length| length > 0)
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    if has_body {
+        if let Some(encoding) = headers
+            .get(header::CONTENT_ENCODING)
+            .map(|value| value.to_str().unwrap_or_default().trim())
+            .filter(|encoding| !encoding.eq_ignore_ascii_case("identity"))
+        {
+            return Err(Error::UnsupportedMediaType(format!(
+                "request bodies are read as sent: `Content-Encoding: {}` is not supported",
+                encoding.escape_debug()
+            ))
+            .into());
         }
-        None => {}
+        if declared.is_some_and(|length| length > rules.max_bytes as u64) {
+            return Err(rules.too_large().into());
+        }
+        let body = request.take_body();
+        request.set_body(rules.bound(body));
     }
     next.call(request).await.map(IntoResponse::into_response)
+}
+
+impl BodyRules {
+    fn too_large(&self) -> Error {
+        Error::TooLarge(format!("the request body is over {} bytes", self.max_bytes))
+    }
+
+    /// `body`, ending with an error (our [`Error`] inside an `io::Error`) once it is over
+    /// the limit or late.
+    fn bound(self, body: poem::Body) -> poem::Body {
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let mut chunks = Box::pin(body.into_bytes_stream());
+        let mut read = 0usize;
+        let bounded = async_stream::stream! {
+            loop {
+                let next = match tokio::time::timeout_at(deadline, chunks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        yield Err(std::io::Error::other(Error::RequestTimeout(format!(
+                            "the request body did not arrive within {:?} (body_read_timeout)",
+                            self.read_timeout
+                        ))));
+                        return;
+                    }
+                };
+                match next {
+                    Some(Ok(bytes)) => {
+                        read = read.saturating_add(bytes.len());
+                        if read > self.max_bytes {
+                            yield Err(std::io::Error::other(self.too_large()));
+                            return;
+                        }
+                        yield Ok(bytes);
+                    }
+                    Some(Err(err)) => {
+                        yield Err(err);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        };
+        poem::Body::from_bytes_stream(bounded)
+    }
 }
 
 /// Binds `listen` and serves until SIGTERM or SIGINT; then drains: new work is refused
@@ -169,20 +258,22 @@ async fn limit_body<E: Endpoint>(
 /// A second signal ends the process at once.
 pub async fn serve(
     listen: &str,
-    state: AppState,
     connections: &ConnectionSettings,
+    state: impl FnOnce(SocketAddr) -> AppState,
 ) -> std::io::Result<()> {
     let limits = connection::ConnectionLimits::new(connections);
     let acceptor = connection::WatchedAcceptor::new(bind(listen).await?, limits);
-    for addr in acceptor.local_addr() {
-        if let Some(addr) = addr.as_socket_addr() {
-            tracing::info!(
-                %addr,
-                max_connections = limits.max_connections,
-                "modelgate listening on http://{addr}"
-            );
-        }
-    }
+    let bound = acceptor
+        .local_addr()
+        .iter()
+        .find_map(|addr| addr.as_socket_addr().copied())
+        .ok_or_else(|| std::io::Error::other("the listener has no socket address"))?;
+    tracing::info!(
+        addr = %bound,
+        max_connections = limits.max_connections,
+        "modelgate listening on http://{bound}"
+    );
+    let state = state(bound);
     let gateway = state.gateway.clone();
     let grace = gateway.settings.shutdown_grace;
     let stop = {

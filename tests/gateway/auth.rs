@@ -16,22 +16,27 @@ use crate::app::{
 };
 use crate::emulator::Scenario;
 
-const KEY: &str = "mg-team-a-0123456789abcdef";
+pub const KEY: &str = "mg-team-a-0123456789abcdef";
 const ENV_KEY: &str = "mg-from-the-environment-42";
 
-fn sha256_hex(secret: &str) -> String {
+pub fn sha256_hex(secret: &str) -> String {
     Sha256::digest(secret.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-async fn spawn_with_keys(limits: &str) -> App {
-    let limits = limits.to_owned();
+pub async fn spawn_with_keys(limits: &str) -> App {
+    spawn_with_keys_and_settings("", limits).await
+}
+
+/// Like [`spawn_with_keys`], with top-level `settings` (e.g. `body_read_timeout = "1s"`).
+pub async fn spawn_with_keys_and_settings(settings: &str, limits: &str) -> App {
+    let (settings, limits) = (settings.to_owned(), limits.to_owned());
     spawn_app_env(
         move |url| {
             format!(
-                "{}\n[[api_keys]]\nid = \"team-a\"\nsha256 = \"{}\"\nlimits = {{ {limits} }}\n",
+                "{settings}\n{}\n[[api_keys]]\nid = \"team-a\"\nsha256 = \"{}\"\nlimits = {{ {limits} }}\n",
                 registry(url),
                 sha256_hex(KEY)
             )
@@ -195,7 +200,15 @@ async fn keys_and_aws_secrets_never_reach_the_logs_or_the_metrics() {
         .text()
         .await
         .unwrap();
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", app.url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains(r#"key="team-a""#),
         "tokens are counted by key id: {metrics}"

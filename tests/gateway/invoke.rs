@@ -34,7 +34,11 @@ async fn invoke_llama3_renders_the_instruct_template_and_returns_text_and_usage(
     );
     let sent = app.emulator.requests();
     assert_eq!(sent.len(), 1);
-    assert_eq!(sent[0].operation, Operation::Invoke);
+    assert_eq!(
+        sent[0].operation,
+        Operation::InvokeStream,
+        "the whole answer is the stream collected"
+    );
     assert_eq!(sent[0].model_id, LLAMA_ID);
     assert_eq!(sent[0].content_type.as_deref(), Some("application/json"));
     assert_eq!(

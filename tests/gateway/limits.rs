@@ -54,8 +54,9 @@ async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slo
     assert_eq!(other_model.status(), 200, "the cap is per model");
 
     drop(holder);
+    // The other model's answer was a stream too (`/invoke` collects one): two have ended.
     app.emulator
-        .wait_streams_ended(1, Duration::from_secs(1))
+        .wait_streams_ended(2, Duration::from_secs(1))
         .await;
     app.emulator.script(LLAMA_ID, Scenario::reply(&["free"]));
     let freed = app

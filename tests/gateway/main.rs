@@ -10,6 +10,7 @@ mod faults;
 mod hostile_connections;
 mod hostile_prompts;
 mod hostile_ws;
+mod hostile_http;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]

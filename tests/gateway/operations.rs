@@ -32,7 +32,8 @@ async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format(
         r#"modelgate_requests_total{route="/invoke",model="",status="404"} 1"#,
         r#"modelgate_tokens_total{model="llama3",key="none",direction="input"} 14"#,
         r#"modelgate_tokens_total{model="llama3",key="none",direction="output"} 6"#,
-        r#"modelgate_first_chunk_seconds_count{model="llama3"} 1"#,
+        // `/invoke` is a stream collected: its first chunk is measured too.
+        r#"modelgate_first_chunk_seconds_count{model="llama3"} 2"#,
         r#"modelgate_upstream_seconds_count{model="llama3"} 2"#,
         r#"modelgate_gateway_overhead_seconds_count{route="/invoke"} 1"#,
         r#"modelgate_active_streams{transport="sse"} 0"#,
