@@ -8,6 +8,7 @@
 
 mod client;
 mod clock;
+mod connections;
 mod invoke;
 mod mock;
 mod procs;
@@ -169,7 +170,7 @@ impl Bench {
     }
 
     fn gateway(&self, mock: &Process) -> anyhow::Result<Process> {
-        procs::start_gateway(&self.binary, mock.addr, Wrapper::None)
+        procs::start_gateway(&self.binary, mock.addr, Wrapper::None, "")
     }
 
     async fn stream(&mut self, mock: &Process) -> anyhow::Result<()> {
@@ -381,6 +382,43 @@ impl Bench {
                 None,
             );
         }
+        let gateway = procs::start_gateway(
+            &self.binary,
+            mock.addr,
+            Wrapper::None,
+            &format!("max_connections = {n}"),
+        )?;
+        let idle = connections::idle(&gateway, n).await?;
+        let report = &mut self.report;
+        report.group(&format!(
+            "Scale: idle HTTP connections (one request each, then silent), max_connections = {n}"
+        ));
+        report.record(
+            &format!("connections held of {n}"),
+            "",
+            idle.opened as f64,
+            None,
+            Derived::None,
+            None,
+        );
+        report.record(
+            "RSS per idle connection beyond rest",
+            "KiB",
+            idle.rss_held.saturating_sub(idle.rss_baseline) as f64
+                / 1024.0
+                / idle.opened.max(1) as f64,
+            None,
+            Derived::None,
+            None,
+        );
+        report.record(
+            &format!("connections held when {} connect", 2 * n),
+            "",
+            idle.held_at_cap as f64,
+            None,
+            Derived::None,
+            None,
+        );
         Ok(())
     }
 

@@ -130,12 +130,18 @@ pub enum Wrapper<'a> {
 
 /// Starts the gateway binary with a registry whose models all point at `mock`, with dummy
 /// AWS credentials and nothing else from the AWS environment, logging as it would in
-/// production (default level) to a file. Returns once `/healthz` answers.
-pub fn start_gateway(binary: &Path, mock: SocketAddr, wrapper: Wrapper) -> anyhow::Result<Process> {
+/// production (default level) to a file, with top-level `settings` added to the registry.
+/// Returns once `/healthz` answers.
+pub fn start_gateway(
+    binary: &Path,
+    mock: SocketAddr,
+    wrapper: Wrapper,
+    settings: &str,
+) -> anyhow::Result<Process> {
     let dir = std::env::temp_dir().join(format!("modelgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("registry.toml");
-    std::fs::write(&config, registry(mock))?;
+    std::fs::write(&config, format!("{settings}\n{}", registry(mock)))?;
     let addr = free_port()?;
     let log = std::fs::File::create(dir.join("gateway.log"))?;
     let mut command = match wrapper {

@@ -59,7 +59,7 @@ pub async fn run(binary: &Path, mock: &Process) -> anyhow::Result<Profile> {
     for old in dumps(&out)? {
         std::fs::remove_file(old)?;
     }
-    let gateway = procs::start_gateway(binary, mock.addr, Wrapper::Callgrind(&out))?;
+    let gateway = procs::start_gateway(binary, mock.addr, Wrapper::Callgrind(&out), "")?;
     let target = Target::Gateway(gateway.addr);
     let call = InvokeCall::new(target);
     let mut connection = Connection::open(gateway.addr).await?;
