@@ -276,25 +276,50 @@ async fn an_invoke_client_that_leaves_with_unread_pipelined_bytes_stops_the_upst
     .await;
 }
 
-#[tokio::test]
-async fn http2_connections_advertise_a_cap_on_concurrent_streams() {
-    let app = spawn_app_with_settings("http2_max_concurrent_streams = 32").await;
-    let tcp = TcpStream::connect(address(&app)).await.unwrap();
+/// Sends `request` over a new HTTP/2 (prior knowledge) connection; the status, and the
+/// connection's cap on concurrent streams as the gateway's SETTINGS gave it.
+async fn over_http2(app: &App, request: http::Request<()>) -> (u16, usize) {
+    let tcp = TcpStream::connect(address(app)).await.unwrap();
     let (client, mut connection) = h2::client::handshake(tcp).await.unwrap();
-    let request = async {
+    let answer = async {
         let mut client = client.ready().await.unwrap();
-        let request = http::Request::get(format!("{}/healthz", app.url))
-            .body(())
-            .unwrap();
         let (response, _) = client.send_request(request, true).unwrap();
         response.await.unwrap()
     };
     let response = tokio::select! {
-        response = request => response,
+        response = answer => response,
         _ = &mut connection => panic!("the HTTP/2 connection ended"),
     };
-    assert_eq!(response.status(), 200);
-    assert_eq!(connection.max_concurrent_send_streams(), 32);
+    (
+        response.status().as_u16(),
+        connection.max_concurrent_send_streams(),
+    )
+}
+
+#[tokio::test]
+async fn http2_connections_advertise_a_cap_on_concurrent_streams() {
+    let app = spawn_app_with_settings("http2_max_concurrent_streams = 32").await;
+    let request = http::Request::get(format!("{}/healthz", app.url))
+        .body(())
+        .unwrap();
+    assert_eq!(over_http2(&app, request).await, (200, 32));
+}
+
+#[tokio::test]
+async fn over_http2_the_origin_check_reads_the_authority() {
+    let app = spawn_app().await;
+    let models = |authority: &str| {
+        http::Request::get(format!("http://{authority}/models"))
+            .header("origin", format!("http://{authority}"))
+            .header("sec-fetch-site", "same-origin")
+            .body(())
+            .unwrap()
+    };
+    let own = address(&app);
+    assert_eq!(over_http2(&app, models(&own)).await.0, 200);
+    let port = own.rsplit_once(':').unwrap().1;
+    let rebound = format!("evil.example:{port}");
+    assert_eq!(over_http2(&app, models(&rebound)).await.0, 403);
 }
 
 #[tokio::test]
