@@ -100,6 +100,37 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
 }
 
 #[tokio::test]
+async fn the_access_log_names_an_unknown_model_and_the_metrics_do_not() {
+    let app = spawn_app().await;
+    let response = app
+        .post(
+            "/invoke",
+            &json!({"model": "gpt-nine\nFORGED", "prompt": "hi"}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let logs = app.logs();
+    let answered = logs
+        .lines()
+        .find(|line| line.contains("answered") && line.contains("status=404"))
+        .unwrap_or_else(|| panic!("no `answered` line for the request: {logs}"));
+    assert!(
+        answered.contains(r#"model="gpt-nine\nFORGED""#),
+        "{answered}"
+    );
+    assert!(
+        !logs.lines().any(|line| line.starts_with("FORGED")),
+        "{logs}"
+    );
+    assert!(
+        metrics.contains(r#"modelgate_requests_total{route="/invoke",model="",status="404"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("gpt-nine"), "{metrics}");
+}
+
+#[tokio::test]
 async fn cors_answers_listed_origins_and_refuses_others() {
     let app = spawn_app_with_settings("allowed_origins = [\"https://chat.example.com\"]").await;
     let client = reqwest::Client::new();

@@ -101,10 +101,11 @@ pub async fn ws_model(
             "the `model` query parameter is required, e.g. /ws/model?model=llama3".into(),
         )
     })?;
-    gateway.registry.get(&model)?;
+    let known = gateway.registry.get(&model);
     if let Some(note) = RequestNote::of(request) {
-        note.model(&model);
+        note.model(&model, known.is_ok());
     }
+    known?;
     let json_offered = request
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -325,7 +326,7 @@ impl Session {
                 message = socket.next() => {
                     if let Heard::Cancel = self.heard(message, framing, socket, queue).await? {
                         chunks.cancel();
-                        return self.send(socket, StreamEvent::cancelled(), framing).await;
+                        return self.send(socket, StreamEvent::from(&Error::Cancelled), framing).await;
                     }
                     continue;
                 }
