@@ -13,7 +13,9 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use poem::{
-    Request, Response, handler,
+    EndpointExt, Request, Response,
+    endpoint::BoxEndpoint,
+    get, handler,
     http::{self, HeaderValue, StatusCode, header},
     web::{Data, Query},
 };
@@ -81,8 +83,13 @@ enum Format {
     Json,
 }
 
+/// `GET /ws/model`, as the route table mounts it.
+pub fn endpoint() -> BoxEndpoint<'static> {
+    get(ws_model).boxed()
+}
+
 #[handler]
-pub async fn ws_model(
+async fn ws_model(
     request: &Request,
     params: poem::Result<Query<WsParams>>,
     Data(state): Data<&Arc<AppState>>,
