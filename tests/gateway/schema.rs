@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::app::spawn_app;
+use crate::app::TestApp;
 
 /// The schemathesis that `scripts/install-test-tools.sh` installs, or one on the PATH.
 fn schemathesis() -> Option<PathBuf> {
@@ -32,7 +32,7 @@ async fn schemathesis_finds_no_undocumented_answer_in_the_whole_api() {
         );
         return;
     };
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let report = tempfile::tempdir().unwrap();
     let output = tokio::process::Command::new(schemathesis)
         .arg("run")
