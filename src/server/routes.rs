@@ -124,7 +124,11 @@ mod tests {
         }
         for route in ROUTES {
             if matches!(route.serve, Serve::OpenApi) {
-                assert!(paths.contains_key(route.path), "{} is not in the API", route.path);
+                assert!(
+                    paths.contains_key(route.path),
+                    "{} is not in the API",
+                    route.path
+                );
             }
         }
     }

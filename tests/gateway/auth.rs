@@ -162,7 +162,7 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
         .await;
 
     // 7 input + 40 output tokens: more than the key's 30 per minute.
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["t"; 40]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["t"; 40]));
     let bearer = format!("Bearer {KEY}");
     assert_eq!(invoke_with(&app, Some(&bearer)).await.status(), 200);
     expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;

@@ -280,7 +280,7 @@ async fn requests_refused_for_concurrency_do_not_spend_the_requests_per_minute()
     app.emulator
         .wait_streams_ended(1, Duration::from_secs(1))
         .await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["ok"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["ok"]));
     assert_eq!(
         invoke_with_key(&app).await.status(),
         200,

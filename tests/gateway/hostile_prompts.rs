@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, expect_error};
-use crate::emulator::{NativeStop, Scenario};
+use crate::emulator::Scenario;
 
 /// CPU time (user and system) the gateway process has used so far.
 fn cpu_time(app: &App) -> Duration {
@@ -33,12 +33,7 @@ fn cpu_time(app: &App) -> Duration {
 async fn cpu_of_a_long_stream(app: &App, pieces: usize, stop: &[String]) -> Duration {
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec!["a".to_owned(); pieces],
-            pace: Duration::ZERO,
-            stop: NativeStop::EndTurn,
-            input_tokens: 7,
-        },
+        Scenario::reply(vec!["a"; pieces]).paced(Duration::ZERO),
     );
     let before = cpu_time(app);
     let response = app
@@ -170,7 +165,7 @@ async fn claude_renders_no_prompt_so_its_messages_go_upstream_as_written() {
     // Claude's body is JSON: the text is a string value, and the `anthropic` format has no
     // special tokens to keep out.
     let app = TestApp::new()
-        .scenario(CLAUDE_ID, Scenario::reply(&["ok"]))
+        .scenario(CLAUDE_ID, Scenario::reply(["ok"]))
         .spawn()
         .await;
     let response = app.post("/invoke", &forged_conversation("anthropic")).await;

@@ -17,7 +17,7 @@ use tokio_tungstenite::{
 
 use crate::app::{App, LLAMA_ID, TestApp};
 use crate::client::{Socket, connect, connect_json, next_json, next_text};
-use crate::emulator::{NativeStop, Scenario};
+use crate::emulator::Scenario;
 
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_CONTINUATION: u8 = 0x0;
@@ -422,7 +422,7 @@ async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
     assert!(!head.contains(KEY), "{head}");
 
     // What a browser's text-mode client with a key does instead.
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["hi"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["hi"]));
     let (mut socket, _) = connect_async(app.ws_url(&format!("model=llama3&api_key={KEY}")))
         .await
         .expect("the key as a query parameter");
@@ -438,12 +438,9 @@ async fn a_silent_connection_is_pinged_then_closed_unless_it_answers_or_an_answe
         .await;
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: (0..30).map(|i| format!("{i} ")).collect(),
-            pace: Duration::from_millis(50),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply((0..30).map(|i| format!("{i} ")))
+            .paced(Duration::from_millis(50))
+            .input_tokens(1),
     );
     // A client that answers pings (tungstenite does, as it reads) stays.
     let mut alive = connect(&app, "model=llama3").await;

@@ -10,7 +10,7 @@ use crate::emulator::{NativeStop, Operation, Scenario};
 #[tokio::test]
 async fn invoke_llama3_renders_the_instruct_template_and_returns_text_and_usage() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["Paris", " is the capital."]))
+        .scenario(LLAMA_ID, Scenario::reply(["Paris", " is the capital."]))
         .spawn()
         .await;
 
@@ -62,12 +62,10 @@ async fn invoke_anthropic_sends_a_multi_turn_messages_body() {
     let app = TestApp::new()
         .scenario(
             CLAUDE_ID,
-            Scenario::Reply {
-                pieces: vec!["Lyon".into()],
-                pace: std::time::Duration::ZERO,
-                stop: NativeStop::StopSequence,
-                input_tokens: 31,
-            },
+            Scenario::reply(["Lyon"])
+                .paced(std::time::Duration::ZERO)
+                .stopping(NativeStop::StopSequence)
+                .input_tokens(31),
         )
         .spawn()
         .await;
@@ -123,12 +121,10 @@ async fn a_native_length_stop_is_reported_as_max_tokens() {
     for (model, id) in [("llama3", LLAMA_ID), ("anthropic", CLAUDE_ID)] {
         app.emulator.script(
             id,
-            Scenario::Reply {
-                pieces: vec!["cut".into()],
-                pace: std::time::Duration::ZERO,
-                stop: NativeStop::MaxTokens,
-                input_tokens: 3,
-            },
+            Scenario::reply(["cut"])
+                .paced(std::time::Duration::ZERO)
+                .stopping(NativeStop::MaxTokens)
+                .input_tokens(3),
         );
         let response = app
             .post(

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode
 
 use crate::app::{App, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, connect, expect_error};
-use crate::emulator::{NativeStop, Scenario, StreamEnd};
+use crate::emulator::{Scenario, StreamEnd};
 
 /// Opens a stream that the model keeps open (one piece, then silence), holding its slots.
 async fn hold_a_stream(app: &App) -> reqwest::Response {
@@ -55,7 +55,7 @@ async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slo
     app.emulator
         .wait_streams_ended(2, Duration::from_secs(1))
         .await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["free"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["free"]));
     let freed = app
         .post("/invoke", &json!({"model": "llama3", "prompt": "now?"}))
         .await;
@@ -138,19 +138,16 @@ async fn a_client_that_stops_reading_is_dropped_while_others_stream_on() {
     let big = "y".repeat(32 * 1024);
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec![big; 400],
-            pace: Duration::ZERO,
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec![big; 400])
+            .paced(Duration::ZERO)
+            .input_tokens(1),
     );
     let stalled = app.get("/stream?model=llama3&prompt=flood").await;
     assert_eq!(stalled.status(), 200);
 
     app.emulator.script(
         crate::app::CLAUDE_ID,
-        Scenario::reply(&["still", " streaming"]),
+        Scenario::reply(["still", " streaming"]),
     );
     let events = all_sse_events(app.get("/stream?model=anthropic&prompt=hi").await).await;
     assert_eq!(

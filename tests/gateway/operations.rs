@@ -8,12 +8,12 @@ use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode
 
 use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp};
 use crate::client::{all_sse_events, connect, connect_json, next_json, sse_events};
-use crate::emulator::{NativeStop, Scenario};
+use crate::emulator::Scenario;
 
 #[tokio::test]
 async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["a", "b", "c"]))
+        .scenario(LLAMA_ID, Scenario::reply(["a", "b", "c"]))
         .spawn()
         .await;
     app.post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
@@ -211,21 +211,15 @@ async fn shutdown_lets_short_answers_finish_ends_long_ones_refuses_new_work_and_
     // A short answer (finishes within the grace period) and a long one (does not).
     app.emulator.script(
         CLAUDE_ID,
-        Scenario::Reply {
-            pieces: vec!["short".into(); 5],
-            pace: Duration::from_millis(100),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec!["short"; 5])
+            .paced(Duration::from_millis(100))
+            .input_tokens(1),
     );
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec!["long".into(); 100],
-            pace: Duration::from_millis(100),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec!["long"; 100])
+            .paced(Duration::from_millis(100))
+            .input_tokens(1),
     );
     let mut short = sse_events(app.get("/stream?model=anthropic&prompt=hi").await);
     let mut long = sse_events(app.get("/stream?model=llama3&prompt=hi").await);

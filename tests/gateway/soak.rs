@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{App, LLAMA_ID, TestApp, registry};
 use crate::client::{connect_json, sse_events};
-use crate::emulator::{NativeStop, Scenario};
+use crate::emulator::Scenario;
 
 const CLIENTS: usize = 300;
 /// Identical rounds of clients; RSS after the second is compared with RSS after the last.
@@ -120,12 +120,9 @@ async fn hundreds_of_streams_with_stalls_and_departures_leave_nothing_behind() {
     let expected = words.concat();
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: words,
-            pace: Duration::from_millis(10),
-            stop: NativeStop::EndTurn,
-            input_tokens: 5,
-        },
+        Scenario::reply(words)
+            .paced(Duration::from_millis(10))
+            .input_tokens(5),
     );
     for index in [3, 4] {
         assert_eq!(

@@ -22,7 +22,7 @@ async fn get_stream_sends_each_piece_as_a_chunk_event_then_done_for_both_formats
     let app = TestApp::new().spawn().await;
     for (model, id) in [("llama3", LLAMA_ID), ("anthropic", CLAUDE_ID)] {
         app.emulator
-            .script(id, Scenario::reply(&["The", " capital", " is", " Paris."]));
+            .script(id, Scenario::reply(["The", " capital", " is", " Paris."]));
         let response = app
             .get(&format!(
                 "/stream?model={model}&prompt=Capital%20of%20France%3F&max_tokens=20&temperature=0"
@@ -78,12 +78,10 @@ async fn post_stream_takes_the_invoke_body() {
     let app = TestApp::new()
         .scenario(
             CLAUDE_ID,
-            Scenario::Reply {
-                pieces: vec!["a".into(), "b".into()],
-                pace: Duration::from_millis(5),
-                stop: NativeStop::MaxTokens,
-                input_tokens: 12,
-            },
+            Scenario::reply(["a", "b"])
+                .paced(Duration::from_millis(5))
+                .stopping(NativeStop::MaxTokens)
+                .input_tokens(12),
         )
         .spawn()
         .await;
@@ -108,12 +106,9 @@ async fn chunks_are_forwarded_while_the_model_is_still_writing() {
     let app = TestApp::new()
         .scenario(
             LLAMA_ID,
-            Scenario::Reply {
-                pieces: (0..6).map(|i| format!("piece{i} ")).collect(),
-                pace: Duration::from_millis(300),
-                stop: NativeStop::EndTurn,
-                input_tokens: 1,
-            },
+            Scenario::reply((0..6).map(|i| format!("piece{i} ")))
+                .paced(Duration::from_millis(300))
+                .input_tokens(1),
         )
         .spawn()
         .await;
@@ -266,12 +261,9 @@ async fn a_client_that_leaves_mid_stream_closes_the_upstream_stream_within_a_sec
     let app = TestApp::new()
         .scenario(
             LLAMA_ID,
-            Scenario::Reply {
-                pieces: (0..100).map(|i| format!("{i} ")).collect(),
-                pace: Duration::from_millis(50),
-                stop: NativeStop::EndTurn,
-                input_tokens: 1,
-            },
+            Scenario::reply((0..100).map(|i| format!("{i} ")))
+                .paced(Duration::from_millis(50))
+                .input_tokens(1),
         )
         .spawn()
         .await;

@@ -11,25 +11,22 @@ use tokio_tungstenite::{
 
 use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp};
 use crate::client::{connect, connect_json, next_json, next_message, next_text};
-use crate::emulator::{NativeStop, Scenario};
+use crate::emulator::Scenario;
 
 fn slow_reply(pieces: usize) -> Scenario {
-    Scenario::Reply {
-        pieces: (0..pieces).map(|i| format!("{i} ")).collect(),
-        pace: Duration::from_millis(50),
-        stop: NativeStop::EndTurn,
-        input_tokens: 1,
-    }
+    Scenario::reply((0..pieces).map(|i| format!("{i} ")))
+        .paced(Duration::from_millis(50))
+        .input_tokens(1)
 }
 
 #[tokio::test]
 async fn text_mode_without_streaming_answers_each_prompt_with_one_message() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["Hello", ", ", "world"]))
+        .scenario(LLAMA_ID, Scenario::reply(["Hello", ", ", "world"]))
         .spawn()
         .await;
     app.emulator
-        .script(CLAUDE_ID, Scenario::reply(&["Bonjour", " !"]));
+        .script(CLAUDE_ID, Scenario::reply(["Bonjour", " !"]));
     for (model, expected) in [("llama3", "Hello, world"), ("anthropic", "Bonjour !")] {
         for query in [
             format!("model={model}"),
@@ -57,7 +54,7 @@ async fn text_mode_without_streaming_answers_each_prompt_with_one_message() {
 #[tokio::test]
 async fn text_mode_with_streaming_sends_each_piece_as_its_own_message() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["One", " two", " three"]))
+        .scenario(LLAMA_ID, Scenario::reply(["One", " two", " three"]))
         .spawn()
         .await;
     for flag in ["1", "true", "yes"] {
@@ -77,7 +74,7 @@ async fn text_mode_with_streaming_sends_each_piece_as_its_own_message() {
 #[tokio::test]
 async fn a_binary_prompt_is_answered_in_binary() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["héllo", " wörld"]))
+        .scenario(LLAMA_ID, Scenario::reply(["héllo", " wörld"]))
         .spawn()
         .await;
     let mut socket = connect(&app, "model=llama3&streaming=1").await;
@@ -136,7 +133,7 @@ async fn text_mode_reports_a_failure_as_an_error_message_and_stays_open() {
         "{error}"
     );
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["fine"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["fine"]));
     socket.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_text(&mut socket).await, "fine");
 }
@@ -144,7 +141,7 @@ async fn text_mode_reports_a_failure_as_an_error_message_and_stays_open() {
 #[tokio::test]
 async fn json_mode_streams_chunk_frames_then_done() {
     let app = TestApp::new()
-        .scenario(CLAUDE_ID, Scenario::reply(&["Hi", " there"]))
+        .scenario(CLAUDE_ID, Scenario::reply(["Hi", " there"]))
         .spawn()
         .await;
     let mut socket = connect_json(&app, "anthropic").await;
@@ -175,7 +172,7 @@ async fn json_mode_streams_chunk_frames_then_done() {
 #[tokio::test]
 async fn json_mode_by_query_parameter_and_errors_as_frames() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["ok"]))
+        .scenario(LLAMA_ID, Scenario::reply(["ok"]))
         .spawn()
         .await;
     let mut socket = connect(&app, "model=llama3&format=json").await;
@@ -219,7 +216,7 @@ async fn json_mode_by_query_parameter_and_errors_as_frames() {
     let error = next_json(&mut socket).await;
     assert_eq!(error["error"]["code"], "throttled");
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["ok"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["ok"]));
     socket
         .send(Message::text(r#"{"prompt": "hi"}"#))
         .await
@@ -256,7 +253,7 @@ async fn json_mode_cancel_stops_the_generation_and_closes_the_upstream_stream() 
     }
     app.assert_upstream_closed_within_a_second().await;
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["next"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["next"]));
     socket
         .send(Message::text(r#"{"prompt": "again"}"#))
         .await
@@ -284,7 +281,7 @@ async fn closing_the_socket_mid_stream_closes_the_upstream_stream_within_a_secon
 #[tokio::test]
 async fn prompts_sent_ahead_are_answered_in_order() {
     let app = TestApp::new()
-        .scenario(LLAMA_ID, Scenario::reply(&["answer"]))
+        .scenario(LLAMA_ID, Scenario::reply(["answer"]))
         .spawn()
         .await;
     let mut socket = connect(&app, "model=llama3").await;
