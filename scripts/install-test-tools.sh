@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools some tests drive from outside Rust. Idempotent; `.ci/run` calls it on a
-# fresh machine, developers run it once. Tests that need a tool which is missing fail under
-# CI=true and are skipped loudly otherwise.
+# fresh machine, developers run it once. The tests that need these tools are `#[ignore]`d, so a
+# bare `cargo test` reports them as ignored; `cargo test -- --include-ignored` runs them, and
+# they fail if a tool is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

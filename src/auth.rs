@@ -157,13 +157,13 @@ impl Caller {
             return Ok(None);
         };
         calls.clone().try_acquire_owned().map(Some).map_err(|_| {
-            Error::RateLimited(
-                format!(
+            Error::RateLimited {
+                message: format!(
                     "API key `{}` already has {} upstream calls in flight (concurrent_streams); wait for one to end",
                     key.id, key.concurrent_calls
                 ),
-                1,
-            )
+                retry_after_secs: 1,
+            }
         })
     }
 
@@ -193,7 +193,10 @@ fn rate_limited(
     not_until: &governor::NotUntil<<governor::clock::DefaultClock as Clock>::Instant>,
 ) -> Error {
     let wait: Duration = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-    Error::RateLimited(message, wait.as_secs().max(1))
+    Error::RateLimited {
+        message,
+        retry_after_secs: wait.as_secs().max(1),
+    }
 }
 
 #[cfg(test)]

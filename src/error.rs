@@ -5,8 +5,9 @@ use poem::{Response, http::StatusCode};
 use poem_openapi::{
     ApiResponse, Object,
     registry::{MetaHeader, MetaMediaType, MetaResponse, MetaResponses, Registry},
-    types::Type,
+    types::{ToJSON, Type},
 };
+use strum::IntoEnumIterator;
 
 /// Seconds a throttled client is told to wait before retrying.
 const THROTTLE_RETRY_AFTER_SECS: u64 = 2;
@@ -15,7 +16,9 @@ const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 /// Seconds a client is told to wait while a local model is being fetched or loaded.
 const LOADING_RETRY_AFTER_SECS: u64 = 5;
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Every code the API can emit is a variant; [`Error::mapping`] gives each its status, its
+/// code and what it means, and the OpenAPI document lists them all ([`strum::EnumIter`]).
+#[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum Error {
     /// The request itself is wrong; nothing was sent upstream.
     #[error("{0}")]
@@ -45,8 +48,11 @@ pub enum Error {
     #[error("{0}")]
     Throttled(String),
     /// The caller's API key is over one of its limits; retry after this many seconds.
-    #[error("{0}")]
-    RateLimited(String, u64),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// The upstream answered with an error that is not the client's fault.
     #[error("{0}")]
     Upstream(String),
@@ -61,6 +67,9 @@ pub enum Error {
     /// The client left before its answer was ready; nobody receives this one.
     #[error("the client closed the connection")]
     ClientClosed,
+    /// The client stopped the generation (`{"type":"cancel"}` on a WebSocket).
+    #[error("the generation was cancelled at the client's request")]
+    Cancelled,
     /// A local model is still being fetched or loaded.
     #[error("{0}")]
     ModelLoading(String),
@@ -69,55 +78,140 @@ pub enum Error {
     Overloaded(usize),
 }
 
+/// What a client is told about an error: its HTTP status, its stable code, and what it means
+/// (the OpenAPI document's words).
+pub struct Mapping {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub meaning: &'static str,
+}
+
+const fn map(status: StatusCode, code: &'static str, meaning: &'static str) -> Mapping {
+    Mapping {
+        status,
+        code,
+        meaning,
+    }
+}
+
+/// nginx's "client closed request": never sent, only logged and counted.
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status"),
+};
+
 impl Error {
-    pub fn status(&self) -> StatusCode {
+    /// The one mapping from errors to what clients see.
+    pub fn mapping(&self) -> Mapping {
         match self {
-            Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Error::UnknownModel(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Throttled(_) | Error::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            Error::Upstream(_) => StatusCode::BAD_GATEWAY,
-            Error::UpstreamUnavailable(_)
-            | Error::ShuttingDown
-            | Error::ModelLoading(_)
-            | Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::ClientClosed => StatusCode::from_u16(499).expect("499 is a valid status"),
+            Error::InvalidRequest(_) => map(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request is malformed or out of range",
+            ),
+            Error::UnknownModel(_) => map(
+                StatusCode::NOT_FOUND,
+                "unknown_model",
+                "no model of that name",
+            ),
+            Error::NotFound(_) => map(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            Error::MethodNotAllowed(_) => map(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the route does not answer this method (`Allow` lists those it does)",
+            ),
+            Error::TooLarge(_) => map(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the request body is over the limit",
+            ),
+            Error::RequestTimeout(_) => map(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive within `body_read_timeout`",
+            ),
+            Error::UnsupportedMediaType(_) => map(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a body that is not JSON, or in a `Content-Encoding` other than `identity`",
+            ),
+            Error::Unauthorized(_) => map(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a missing or unknown API key",
+            ),
+            Error::Forbidden(_) => map(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the browser origin is not allowed",
+            ),
+            Error::Throttled(_) => map(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "the upstream is throttling, retry later",
+            ),
+            Error::RateLimited { .. } => map(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "the API key is over one of its limits, retry after `Retry-After` seconds",
+            ),
+            Error::Upstream(_) => map(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream model failed",
+            ),
+            Error::UpstreamUnavailable(_) => map(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                "the upstream cannot be reached or used",
+            ),
+            Error::UpstreamTimeout(_) => map(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            ),
+            Error::ShuttingDown => map(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the gateway is draining",
+            ),
+            Error::ClientClosed => map(
+                CLIENT_CLOSED_REQUEST,
+                "client_closed",
+                "the client left before its answer (only logged and counted, never sent)",
+            ),
+            Error::Cancelled => map(
+                CLIENT_CLOSED_REQUEST,
+                "cancelled",
+                "the client cancelled the generation (a WebSocket frame, never an HTTP status)",
+            ),
+            Error::ModelLoading(_) => map(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_loading",
+                "a local model is still being fetched or loaded",
+            ),
+            Error::Overloaded(_) => map(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "every client connection is busy",
+            ),
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.mapping().status
+    }
+
     pub fn code(&self) -> &'static str {
-        match self {
-            Error::InvalidRequest(_) => "invalid_request",
-            Error::UnknownModel(_) => "unknown_model",
-            Error::NotFound(_) => "not_found",
-            Error::MethodNotAllowed(_) => "method_not_allowed",
-            Error::TooLarge(_) => "too_large",
-            Error::RequestTimeout(_) => "request_timeout",
-            Error::UnsupportedMediaType(_) => "unsupported_media_type",
-            Error::Unauthorized(_) => "unauthorized",
-            Error::Forbidden(_) => "forbidden",
-            Error::Throttled(_) => "throttled",
-            Error::RateLimited(..) => "rate_limited",
-            Error::Upstream(_) => "upstream_error",
-            Error::UpstreamUnavailable(_) => "upstream_unavailable",
-            Error::UpstreamTimeout(_) => "upstream_timeout",
-            Error::ShuttingDown => "shutting_down",
-            Error::ClientClosed => "client_closed",
-            Error::ModelLoading(_) => "model_loading",
-            Error::Overloaded(_) => "overloaded",
-        }
+        self.mapping().code
     }
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Error::Throttled(_) => Some(THROTTLE_RETRY_AFTER_SECS),
-            Error::RateLimited(_, secs) => Some(*secs),
+            Error::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             Error::UpstreamUnavailable(_) | Error::ShuttingDown | Error::Overloaded(_) => {
                 Some(UNAVAILABLE_RETRY_AFTER_SECS)
             }
@@ -164,8 +258,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Clone, Object)]
 pub struct ErrorDetail {
-    /// Stable machine-readable code: `invalid_request`, `unknown_model`, `too_large`,
-    /// `request_timeout`, `unsupported_media_type`, `throttled`, `upstream_error`, `upstream_unavailable`, `model_loading`, `upstream_timeout`, ...
+    /// Stable machine-readable code; each operation's error responses list them.
     pub code: String,
     /// What went wrong and, where the client can do something about it, what to do.
     pub message: String,
@@ -177,11 +270,10 @@ impl poem::error::ResponseError for Error {
     }
 
     fn as_response(&self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = Response::builder()
             .status(self.status())
             .content_type("application/json; charset=utf-8")
-            .body(body.to_string());
+            .body(self.body().to_json_string());
         if let Some(secs) = self.retry_after() {
             response
                 .headers_mut()
@@ -197,78 +289,81 @@ impl poem::error::ResponseError for Error {
     }
 }
 
-/// Describes, in the OpenAPI document, every error status an operation can answer with.
+/// Describes, in the OpenAPI document, every error an operation can answer with: one
+/// response per status, listing the codes of every variant that has it.
 impl ApiResponse for Error {
     fn meta() -> MetaResponses {
-        let error_response =
-            |status: u16, description: &'static str, retry_after: bool| MetaResponse {
-                description,
-                status: Some(status),
+        let responses = documented_statuses()
+            .iter()
+            .map(|documented| MetaResponse {
+                description: &documented.description,
+                status: Some(documented.status.as_u16()),
                 status_range: None,
                 content: vec![MetaMediaType {
                     content_type: "application/json; charset=utf-8",
                     schema: ErrorBody::schema_ref(),
                 }],
-                headers: if retry_after {
-                    vec![MetaHeader {
+                headers: match documented.retry_after {
+                    Some(required) => vec![MetaHeader {
                         name: "Retry-After".to_owned(),
                         description: Some("Seconds to wait before retrying".to_owned()),
-                        required: true,
+                        required,
                         deprecated: false,
                         schema: u64::schema_ref(),
-                    }]
-                } else {
-                    vec![]
+                    }],
+                    None => vec![],
                 },
-            };
-        MetaResponses {
-            responses: vec![
-                error_response(
-                    400,
-                    "`invalid_request`: the request is malformed or out of range",
-                    false,
-                ),
-                error_response(401, "`unauthorized`: a missing or unknown API key", false),
-                error_response(403, "`forbidden`: the browser origin is not allowed", false),
-                error_response(404, "`unknown_model`: no model of that name", false),
-                error_response(
-                    408,
-                    "`request_timeout`: the request body did not arrive within `body_read_timeout`",
-                    false,
-                ),
-                error_response(
-                    413,
-                    "`too_large`: the request body is over the limit",
-                    false,
-                ),
-                error_response(
-                    415,
-                    "`unsupported_media_type`: a body that is not JSON, or in a `Content-Encoding` other than `identity`",
-                    false,
-                ),
-                error_response(
-                    429,
-                    "`throttled`: the upstream is throttling; retry later",
-                    true,
-                ),
-                error_response(502, "`upstream_error`: the upstream model failed", false),
-                error_response(
-                    503,
-                    "`upstream_unavailable`: the upstream cannot be reached or used; `model_loading`: a local model is still being fetched or loaded; `shutting_down`: the gateway is draining; `overloaded`: every client connection is busy",
-                    true,
-                ),
-                error_response(
-                    504,
-                    "`upstream_timeout`: the upstream did not answer in time",
-                    false,
-                ),
-            ],
-        }
+            })
+            .collect();
+        MetaResponses { responses }
     }
 
     fn register(registry: &mut Registry) {
         ErrorBody::register(registry);
     }
+}
+
+/// One documented error status: the codes that have it, with their meanings.
+struct DocumentedStatus {
+    status: StatusCode,
+    description: String,
+    /// Whether `Retry-After` comes with it: `Some(true)` always, `Some(false)` with some codes.
+    retry_after: Option<bool>,
+}
+
+/// Every variant of [`Error`], grouped by status, made once: the descriptions live as long as
+/// the program, as poem-openapi wants them.
+fn documented_statuses() -> &'static [DocumentedStatus] {
+    static DOCUMENTED: std::sync::OnceLock<Vec<DocumentedStatus>> = std::sync::OnceLock::new();
+    DOCUMENTED.get_or_init(|| {
+        let mut statuses: Vec<StatusCode> = Error::iter().map(|error| error.status()).collect();
+        statuses.sort();
+        statuses.dedup();
+        statuses
+            .into_iter()
+            .map(|status| {
+                let errors: Vec<Error> = Error::iter()
+                    .filter(|error| error.status() == status)
+                    .collect();
+                let retrying = errors.iter().filter(|error| error.retry_after().is_some());
+                DocumentedStatus {
+                    status,
+                    description: errors
+                        .iter()
+                        .map(|error| {
+                            let mapping = error.mapping();
+                            format!("`{}`: {}", mapping.code, mapping.meaning)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    retry_after: match retrying.count() {
+                        0 => None,
+                        some => Some(some == errors.len()),
+                    },
+                }
+            })
+            .collect()
+    })
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -291,5 +386,49 @@ mod tests {
         assert_eq!(Error::from_poem(&not_found).code(), "not_found");
         let ours: poem::Error = Error::UnknownModel("x".into()).into();
         assert_eq!(Error::from_poem(&ours).code(), "unknown_model");
+    }
+
+    #[test]
+    fn every_code_is_in_the_documented_responses_under_its_status() {
+        let documented = Error::meta().responses;
+        for error in Error::iter() {
+            let response = documented
+                .iter()
+                .find(|response| response.status == Some(error.status().as_u16()))
+                .unwrap_or_else(|| panic!("no response for {}", error.status()));
+            assert!(
+                response
+                    .description
+                    .contains(&format!("`{}`", error.code())),
+                "{} is not in the description of {}",
+                error.code(),
+                error.status()
+            );
+            if error.retry_after().is_some() {
+                assert!(
+                    !response.headers.is_empty(),
+                    "{}: Retry-After",
+                    error.code()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_response_body_is_the_body() {
+        let error = Error::RateLimited {
+            message: "wait".into(),
+            retry_after_secs: 7,
+        };
+        let response = error.as_response();
+        assert_eq!(response.headers()["Retry-After"], "7");
+        let body = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(response.into_body().into_string())
+            .unwrap();
+        assert_eq!(
+            body,
+            r#"{"error":{"code":"rate_limited","message":"wait"}}"#
+        );
     }
 }

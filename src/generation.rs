@@ -26,7 +26,7 @@ use crate::{
     config::UpstreamSettings,
     error::{Error, Result},
     provider::{Chunk, ChunkStream, Finish},
-    telemetry,
+    telemetry::{self, CancelReason},
 };
 
 /// Chunks buffered between the upstream and a client that reads slower than the model
@@ -84,7 +84,7 @@ pub struct Pump {
 enum Ended {
     Finished(Finish),
     Failed(Error),
-    Cancelled(&'static str),
+    Cancelled(CancelReason),
 }
 
 impl Pump {
@@ -121,9 +121,9 @@ impl Pump {
     ) -> Ended {
         let gone = || {
             if cancelled_by_client.load(Ordering::Relaxed) {
-                Ended::Cancelled("client_cancel")
+                Ended::Cancelled(CancelReason::ClientCancel)
             } else {
-                Ended::Cancelled("client_gone")
+                Ended::Cancelled(CancelReason::ClientGone)
             }
         };
         // The futures that end a generation are made once, not once per chunk: re-creating
@@ -168,13 +168,13 @@ impl Pump {
             let ended = match &item {
                 Ok(Chunk::Text(_)) => None,
                 Ok(Chunk::Done(finish)) => Some(Ended::Finished(*finish)),
-                Err(Error::ShuttingDown) => Some(Ended::Cancelled("shutdown")),
+                Err(Error::ShuttingDown) => Some(Ended::Cancelled(CancelReason::Shutdown)),
                 Err(err) => Some(Ended::Failed(err.clone())),
             };
             match tokio::time::timeout(self.slow_client_timeout, tx.send(item)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return gone(),
-                Err(_) => return Ended::Cancelled("slow_client"),
+                Err(_) => return Ended::Cancelled(CancelReason::SlowClient),
             }
             if let Some(ended) = ended {
                 return ended;

@@ -144,9 +144,13 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
             let elapsed = started.elapsed();
             let status = response.status().as_u16();
             let fields = std::mem::take(&mut *note.0.lock().expect("the note is never poisoned"));
-            let model = fields.model.unwrap_or_default();
-            tracing::info!(status, model, micros = elapsed.as_micros() as u64, "answered");
-            metrics::counter!(REQUESTS, "route" => route, "model" => model, "status" => status.to_string())
+            let asked = fields.model.as_ref().map_or("", |model| model.logged());
+            tracing::info!(status, model = asked, micros = elapsed.as_micros() as u64, "answered");
+            let label = match fields.model {
+                Some(NotedModel { name, known: true }) => name,
+                _ => String::new(),
+            };
+            metrics::counter!(REQUESTS, "route" => route, "model" => label, "status" => status.to_string())
                 .increment(1);
             if let Some(upstream) = fields.upstream {
                 metrics::histogram!(GATEWAY_OVERHEAD_SECONDS, "route" => route)
@@ -199,8 +203,8 @@ pub fn count_tokens(model: &str, key: &str, usage: Usage) {
 /// gateway stopped, an upstream error otherwise.
 pub fn count_failure(model: &str, err: &Error) {
     match err {
-        Error::ClientClosed => count_cancellation("client_gone"),
-        Error::ShuttingDown => count_cancellation("shutdown"),
+        Error::ClientClosed => count_cancellation(CancelReason::ClientGone),
+        Error::ShuttingDown => count_cancellation(CancelReason::Shutdown),
         err => {
             metrics::counter!(UPSTREAM_ERRORS, "model" => model.to_owned(), "code" => err.code())
                 .increment(1);
@@ -208,26 +212,76 @@ pub fn count_failure(model: &str, err: &Error) {
     }
 }
 
-pub fn count_cancellation(reason: &'static str) {
+/// Why a generation ended before its answer was complete: the `reason` label of
+/// [`CANCELLATIONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The client closed its connection.
+    ClientGone,
+    /// The client asked for it (`{"type":"cancel"}`).
+    ClientCancel,
+    /// The client did not read the answer within `slow_client_timeout`.
+    SlowClient,
+    /// The gateway stopped at the end of its grace period.
+    Shutdown,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::ClientGone => "client_gone",
+            CancelReason::ClientCancel => "client_cancel",
+            CancelReason::SlowClient => "slow_client",
+            CancelReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub fn count_cancellation(reason: CancelReason) {
+    let reason = reason.as_str();
     metrics::counter!(CANCELLATIONS, "reason" => reason).increment(1);
     tracing::info!(reason, "generation cancelled; upstream call dropped");
 }
 
 /// What a handler learned about its request that the request-id middleware reports: the
-/// model, and the time spent waiting on the upstream (so that the gateway's own share of
-/// the latency can be measured).
+/// model asked for, and the time spent waiting on the upstream (so that the gateway's own
+/// share of the latency can be measured).
 #[derive(Default)]
 pub struct RequestNote(Mutex<NoteFields>);
 
 #[derive(Default)]
 struct NoteFields {
-    model: Option<String>,
+    model: Option<NotedModel>,
     upstream: Option<Duration>,
 }
 
+/// The model a request asked for: the log names it whatever it is, the metrics only when the
+/// registry knows it, so that clients cannot grow the metrics without bound.
+struct NotedModel {
+    name: String,
+    known: bool,
+}
+
+/// The most of an unknown model's name the access log repeats: a client can send any name.
+const LOGGED_NAME_MAX_BYTES: usize = 256;
+
+impl NotedModel {
+    fn logged(&self) -> &str {
+        let mut end = self.name.len().min(LOGGED_NAME_MAX_BYTES);
+        while !self.name.is_char_boundary(end) {
+            end -= 1;
+        }
+        &self.name[..end]
+    }
+}
+
 impl RequestNote {
-    pub fn model(&self, model: &str) {
-        self.0.lock().expect("the note is never poisoned").model = Some(model.to_owned());
+    /// The model the request asked for, and whether the registry knows it.
+    pub fn model(&self, name: &str, known: bool) {
+        self.0.lock().expect("the note is never poisoned").model = Some(NotedModel {
+            name: name.to_owned(),
+            known,
+        });
     }
 
     pub fn upstream(&self, waited: Duration) {

@@ -248,13 +248,11 @@ fn decode_component(component: &str) -> Result<String, Error> {
         })
 }
 
-/// Tells the metrics which model a request is for — only names the registry knows, so that
-/// clients cannot grow the metrics without bound.
+/// Tells the access log and the metrics which model a request is for.
 fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
-    if let Some(note) = RequestNote::of(http)
-        && state.gateway.registry.get(&request.model).is_ok()
-    {
-        note.model(&request.model);
+    if let Some(note) = RequestNote::of(http) {
+        let known = state.gateway.registry.get(&request.model).is_ok();
+        note.model(&request.model, known);
     }
 }
 

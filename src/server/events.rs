@@ -4,7 +4,7 @@
 use poem_openapi::{Object, Union, types::ToJSON};
 
 use crate::{
-    error::{Error, ErrorBody, ErrorDetail},
+    error::{Error, ErrorBody},
     provider::{Chunk, StopReason, Usage},
 };
 
@@ -53,16 +53,6 @@ impl From<&Error> for StreamEvent {
 }
 
 impl StreamEvent {
-    /// The generation was stopped by the client (`{"type":"cancel"}`).
-    pub fn cancelled() -> Self {
-        StreamEvent::Error(ErrorBody {
-            error: ErrorDetail {
-                code: "cancelled".into(),
-                message: "the generation was cancelled at the client's request".into(),
-            },
-        })
-    }
-
     pub fn name(&self) -> &'static str {
         match self {
             StreamEvent::Chunk(_) => "chunk",
@@ -144,7 +134,7 @@ mod tests {
                     output_tokens: 5,
                 },
             }),
-            StreamEvent::cancelled(),
+            StreamEvent::from(&Error::Cancelled),
         ];
         for event in events {
             let poem = poem::web::sse::Event::message(event.to_json_string())

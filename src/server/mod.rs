@@ -1,4 +1,5 @@
-//! The web server: routes, shared state, and the one place where errors become responses.
+//! The web server: the middleware around the routes (`routes.rs`), shared state, and the one
+//! place where errors become responses.
 
 mod api;
 mod connection;
@@ -15,7 +16,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::{
-    Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response, Route,
+    Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response,
     endpoint::BoxEndpoint,
     error::ResponseError,
     get, handler,
@@ -59,9 +60,6 @@ pub fn openapi_json() -> String {
 }
 
 pub fn app(state: AppState) -> BoxEndpoint<'static> {
-    let api = api_service();
-    let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
     let body_rules = BodyRules {
         max_bytes: state.gateway.settings.max_body_bytes,
         read_timeout: state.gateway.settings.body_read_timeout,
@@ -70,13 +68,7 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
     let state = Arc::new(state);
     let keys = state.clone();
     let endpoints = Arc::new(
-        Route::new()
-            .at("/ui/:file", get(ui::asset))
-            .at("/ws/model", get(ws::ws_model))
-            .at("/metrics", get(metrics))
-            .nest("/docs", docs)
-            .at("/openapi.json", spec)
-            .nest("/", api)
+        routes::router()
             .around(ui::page_at_root)
             .around(move |next, request| limit_body(next, request, body_rules))
             .around(move |next, request| require_key(next, request, keys.clone()))
@@ -144,10 +136,23 @@ fn error_response(err: &poem::Error, path: &str) -> Response {
     response
 }
 
+/// Swagger UI.
+fn docs() -> BoxEndpoint<'static> {
+    api_service().swagger_ui().map_to_response().boxed()
+}
+
+/// The OpenAPI document.
+fn openapi_document() -> BoxEndpoint<'static> {
+    api_service().spec_endpoint().map_to_response().boxed()
+}
+
 /// Prometheus text format. Its labels name the API keys, so it is behind a key like the API.
-#[handler]
-fn metrics(Data(state): Data<&Arc<AppState>>) -> String {
-    state.metrics.render()
+fn metrics() -> BoxEndpoint<'static> {
+    #[handler]
+    fn render(Data(state): Data<&Arc<AppState>>) -> String {
+        state.metrics.render()
+    }
+    get(render).boxed()
 }
 
 /// Checks the key of every API request from its headers (or its `api_key` parameter),

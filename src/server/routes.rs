@@ -1,6 +1,8 @@
-//! Every route the gateway serves, declared once: the `Allow` header of a 405, the route
-//! label of the metrics and who may call it all come from this table; `app()` mounts the
-//! endpoints and a test checks that the OpenAPI operations are the table's.
+//! Every route the gateway serves, declared once: the router, the `Allow` header of a 405,
+//! the route label of the metrics and who may call it all come from [`ROUTES`]. A new route
+//! is one entry there.
+
+use poem::{Route, endpoint::BoxEndpoint};
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,42 +14,71 @@ pub enum Access {
     Api,
 }
 
+/// What answers a route.
+#[derive(Clone, Copy)]
+pub enum Serve {
+    /// Operations of the OpenAPI service ([`super::api`]), which mounts its own paths: a test
+    /// checks that they are the table's.
+    OpenApi,
+    /// The chat page, answered around the router: poem lets the OpenAPI service, nested at
+    /// `/`, win over a route at exactly `/` ([`super::ui::page_at_root`]).
+    Page,
+    /// This endpoint, at the route's path (nested under it for a path ending in `*`).
+    Endpoint(fn() -> BoxEndpoint<'static>),
+}
+
 pub struct RouteSpec {
     /// An exact path, or with a trailing `*`, every path that starts with what precedes it.
     pub path: &'static str,
     /// The methods it answers, as a 405's `Allow` header lists them.
     pub allow: &'static str,
-    /// Its `route` label in the metrics.
-    pub label: &'static str,
     pub access: Access,
+    pub serve: Serve,
 }
 
-const fn route(
-    path: &'static str,
-    allow: &'static str,
-    label: &'static str,
-    access: Access,
-) -> RouteSpec {
+const fn route(path: &'static str, allow: &'static str, access: Access, serve: Serve) -> RouteSpec {
     RouteSpec {
         path,
         allow,
-        label,
         access,
+        serve,
     }
 }
 
+use Access::{Api, Public};
+use Serve::{Endpoint, OpenApi, Page};
+
 pub const ROUTES: &[RouteSpec] = &[
-    route("/", "GET, HEAD", "/", Access::Public),
-    route("/ui/*", "GET", "/ui", Access::Public),
-    route("/docs*", "GET", "/docs", Access::Public),
-    route("/openapi.json", "GET", "/openapi.json", Access::Public),
-    route("/healthz", "GET", "/healthz", Access::Public),
-    route("/models", "GET", "/models", Access::Public),
-    route("/invoke", "POST", "/invoke", Access::Api),
-    route("/stream", "GET, POST", "/stream", Access::Api),
-    route("/ws/model", "GET", "/ws/model", Access::Api),
-    route("/metrics", "GET", "/metrics", Access::Api),
+    route("/", "GET, HEAD", Public, Page),
+    route("/ui/*", "GET", Public, Endpoint(super::ui::assets)),
+    route("/docs*", "GET", Public, Endpoint(super::docs)),
+    route(
+        "/openapi.json",
+        "GET",
+        Public,
+        Endpoint(super::openapi_document),
+    ),
+    route("/healthz", "GET", Public, OpenApi),
+    route("/models", "GET", Public, OpenApi),
+    route("/invoke", "POST", Api, OpenApi),
+    route("/stream", "GET, POST", Api, OpenApi),
+    route("/ws/model", "GET", Api, Endpoint(super::ws::endpoint)),
+    route("/metrics", "GET", Api, Endpoint(super::metrics)),
 ];
+
+/// The router of every [`Serve::Endpoint`] route, with the OpenAPI service at `/`.
+pub fn router() -> Route {
+    ROUTES
+        .iter()
+        .fold(Route::new(), |router, route| match route.serve {
+            Serve::Endpoint(endpoint) => match route.path.strip_suffix('*') {
+                Some(prefix) => router.nest(prefix.trim_end_matches('/'), endpoint()),
+                None => router.at(route.path, endpoint()),
+            },
+            Serve::OpenApi | Serve::Page => router,
+        })
+        .nest("/", super::api_service())
+}
 
 /// The route a path belongs to, if any.
 pub fn route_of(path: &str) -> Option<&'static RouteSpec> {
@@ -59,10 +90,15 @@ pub fn route_of(path: &str) -> Option<&'static RouteSpec> {
         })
 }
 
-/// The metrics label of a path: its route's, or `other`, so that random paths cannot grow
-/// the metrics without bound.
+/// The metrics label of a path: its route's path without the `*` (`/ui/*` is `/ui`), or
+/// `other`, so that random paths cannot grow the metrics without bound.
 pub fn label(path: &str) -> &'static str {
-    route_of(path).map_or("other", |route| route.label)
+    route_of(path).map_or("other", |route| {
+        match route.path.trim_end_matches('*').trim_end_matches('/') {
+            "" => "/",
+            prefix => prefix,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -76,6 +112,7 @@ mod tests {
         for (path, operations) in paths {
             let route = route_of(path).unwrap_or_else(|| panic!("{path} is not in ROUTES"));
             assert_eq!(route.path, path.as_str());
+            assert!(matches!(route.serve, Serve::OpenApi), "{path}");
             let mut methods: Vec<String> = operations
                 .as_object()
                 .unwrap()
@@ -85,6 +122,15 @@ mod tests {
             methods.sort();
             assert_eq!(methods.join(", "), route.allow, "{path}");
         }
+        for route in ROUTES {
+            if matches!(route.serve, Serve::OpenApi) {
+                assert!(
+                    paths.contains_key(route.path),
+                    "{} is not in the API",
+                    route.path
+                );
+            }
+        }
     }
 
     #[test]
@@ -92,6 +138,8 @@ mod tests {
         assert!(route_of("/invoke/x").is_none());
         assert_eq!(label("/random/path"), "other");
         assert_eq!(label("/docs/index.css"), "/docs");
+        assert_eq!(label("/ui/app.js"), "/ui");
+        assert_eq!(label("/"), "/");
         assert_eq!(route_of("/ws/model").unwrap().access, Access::Api);
     }
 }

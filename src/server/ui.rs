@@ -2,7 +2,9 @@
 //! compiled into the binary, so the page works offline with nothing to build or download.
 
 use poem::{
-    Endpoint, IntoResponse, Request, Response, handler,
+    Endpoint, EndpointExt, IntoResponse, Request, Response, Route,
+    endpoint::BoxEndpoint,
+    get, handler,
     http::{Method, StatusCode, header},
     web::Path,
 };
@@ -51,8 +53,13 @@ pub async fn page_at_root<E: Endpoint>(next: E, request: Request) -> poem::Resul
     next.call(request).await.map(IntoResponse::into_response)
 }
 
+/// The files under `/ui/`, nested there by the route table.
+pub fn assets() -> BoxEndpoint<'static> {
+    Route::new().at("/:file", get(asset)).boxed()
+}
+
 #[handler]
-pub fn asset(Path(name): Path<String>) -> poem::Result<Response> {
+fn asset(Path(name): Path<String>) -> poem::Result<Response> {
     let (_, content_type, contents) = FILES
         .iter()
         .find(|(file_name, _, _)| *file_name == name)

@@ -1,5 +1,7 @@
-//! `spawn_app`: the real `modelgate` binary on a random port, with a registry pointing at an
+//! [`TestApp`]: the real `modelgate` binary on a random port, with a registry pointing at an
 //! in-process Bedrock emulator, and the helpers tests use to talk to it.
+
+use serde_json::Value;
 
 use std::{
     process::Stdio,
@@ -7,15 +9,14 @@ use std::{
     time::Duration,
 };
 
-use eventsource_stream::Eventsource;
-use futures_util::{Stream, StreamExt};
-use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
 
-use crate::emulator::{Emulator, StreamEnd};
+use sha2::{Digest, Sha256};
+
+use crate::emulator::{Emulator, Scenario, StreamEnd};
 
 pub const LLAMA_ID: &str = "meta.llama3-70b-instruct-v1:0";
 pub const CLAUDE_ID: &str = "anthropic.claude-3-haiku-20240307-v1:0";
@@ -58,100 +59,160 @@ endpoint_url = "{emulator_url}"
     )
 }
 
-pub async fn spawn_app() -> App {
-    spawn_app_with(registry, true).await
-}
-
-/// Starts the gateway with top-level `settings` (e.g. `max_messages = 3`) before the
-/// standard registry.
-pub async fn spawn_app_with_settings(settings: &str) -> App {
-    spawn_app_with(|url| format!("{settings}\n{}", registry(url)), true).await
-}
-
-/// Starts the gateway with the registry `config(emulator_url)`, with or without AWS
-/// credentials in its environment.
-pub async fn spawn_app_with(config: impl FnOnce(&str) -> String, credentials: bool) -> App {
-    spawn_app_env(config, credentials, &[]).await
-}
-
-/// Like [`spawn_app_with`], with more environment variables.
-pub async fn spawn_app_env(
-    config: impl FnOnce(&str) -> String,
+/// How a test starts the gateway: the standard registry against the emulator, with AWS
+/// credentials, unless told otherwise.
+///
+/// ```ignore
+/// let app = TestApp::new().settings("max_messages = 3").api_key("team-a", KEY, "").spawn().await;
+/// ```
+pub struct TestApp<'a> {
+    settings: Vec<String>,
+    registry: Box<dyn FnOnce(&str) -> String + 'a>,
+    api_keys: Vec<String>,
     credentials: bool,
-    env: &[(&str, &str)],
-) -> App {
-    spawn(config, credentials, |command| {
-        command.envs(env.iter().copied());
-    })
-    .await
+    env: Vec<(String, String)>,
+    nofile: Option<u64>,
+    scenarios: Vec<(&'static str, Scenario)>,
 }
 
-/// Starts the gateway with top-level `settings` and an open-file limit of `nofile`, soft and
-/// hard (so the gateway cannot raise it), as on a constrained host.
-pub async fn spawn_app_with_nofile(settings: &str, nofile: u64) -> App {
-    spawn(
-        |url| format!("{settings}\n{}", registry(url)),
-        true,
-        |command| {
+impl Default for TestApp<'_> {
+    fn default() -> Self {
+        TestApp {
+            settings: Vec::new(),
+            registry: Box::new(registry),
+            api_keys: Vec::new(),
+            credentials: true,
+            env: Vec::new(),
+            nofile: None,
+            scenarios: Vec::new(),
+        }
+    }
+}
+
+impl<'a> TestApp<'a> {
+    pub fn new() -> Self {
+        TestApp::default()
+    }
+
+    /// Top-level settings (e.g. `max_messages = 3`), written before the registry.
+    pub fn settings(mut self, lines: &str) -> Self {
+        self.settings.push(lines.to_owned());
+        self
+    }
+
+    /// The registry (the `[[models]]`), made from the emulator's URL, instead of [`registry`].
+    pub fn registry(mut self, registry: impl FnOnce(&str) -> String + 'a) -> Self {
+        self.registry = Box::new(registry);
+        self
+    }
+
+    /// An `[[api_keys]]` entry: `id`, the SHA-256 of `secret`, and its `limits` (the inside
+    /// of the inline table, e.g. `requests_per_minute = 2`).
+    pub fn api_key(mut self, id: &str, secret: &str, limits: &str) -> Self {
+        self.api_keys.push(format!(
+            "[[api_keys]]\nid = \"{id}\"\nsha256 = \"{}\"\nlimits = {{ {limits} }}\n",
+            sha256_hex(secret)
+        ));
+        self
+    }
+
+    /// No AWS credentials in the gateway's environment.
+    pub fn without_credentials(mut self) -> Self {
+        self.credentials = false;
+        self
+    }
+
+    /// One more environment variable for the gateway.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// An open-file limit, soft and hard (so the gateway cannot raise it), as on a
+    /// constrained host.
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
+        self
+    }
+
+    /// What the emulator answers for `model_id` until the test scripts something else.
+    pub fn scenario(mut self, model_id: &'static str, scenario: Scenario) -> Self {
+        self.scenarios.push((model_id, scenario));
+        self
+    }
+
+    pub async fn spawn(self) -> App {
+        let emulator = Emulator::start().await;
+        for (model_id, scenario) in self.scenarios {
+            emulator.script(model_id, scenario);
+        }
+        let mut config = self.settings.join("\n");
+        config.push('\n');
+        config.push_str(&(self.registry)(&emulator.url()));
+        for key in &self.api_keys {
+            config.push('\n');
+            config.push_str(key);
+        }
+        let file = config_file(&config);
+        let mut command = gateway_command(self.credentials);
+        command.envs(self.env);
+        if let Some(nofile) = self.nofile {
             // SAFETY: setrlimit is async-signal-safe, and nothing else runs in the child
             // between fork and exec.
             unsafe {
                 command
                     .pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, nofile, nofile));
             }
-        },
-    )
-    .await
+        }
+        command
+            .arg("--config")
+            .arg(file.path())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the modelgate binary starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (address_tx, address_rx) = tokio::sync::oneshot::channel();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let collected = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut address_tx = Some(address_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some((_, rest)) = line.split_once("listening on http://")
+                    && let Some(tx) = address_tx.take()
+                {
+                    // The address ends where the text or JSON log line goes on.
+                    let address: String = rest
+                        .chars()
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                        })
+                        .collect();
+                    let _ = tx.send(format!("http://{address}"));
+                }
+                collected.lock().unwrap().push(line);
+            }
+        });
+        let url = tokio::time::timeout(Duration::from_secs(20), address_rx)
+            .await
+            .unwrap_or_else(|_| panic!("modelgate did not start: {:?}", logs.lock().unwrap()))
+            .unwrap_or_else(|_| panic!("modelgate exited: {:?}", logs.lock().unwrap()));
+        App {
+            url,
+            emulator,
+            logs,
+            child,
+            _config: file,
+        }
+    }
 }
 
-async fn spawn(
-    config: impl FnOnce(&str) -> String,
-    credentials: bool,
-    customize: impl FnOnce(&mut Command),
-) -> App {
-    let emulator = Emulator::start().await;
-    let file = config_file(&config(&emulator.url()));
-    let mut command = gateway_command(credentials);
-    customize(&mut command);
-    command
-        .arg("--config")
-        .arg(file.path())
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("the modelgate binary starts");
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (address_tx, address_rx) = tokio::sync::oneshot::channel();
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let collected = logs.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut address_tx = Some(address_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some((_, rest)) = line.split_once("listening on http://")
-                && let Some(tx) = address_tx.take()
-            {
-                // The address ends where the text or JSON log line goes on.
-                let address: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
-                    .collect();
-                let _ = tx.send(format!("http://{address}"));
-            }
-            collected.lock().unwrap().push(line);
-        }
-    });
-    let url = tokio::time::timeout(Duration::from_secs(20), address_rx)
-        .await
-        .unwrap_or_else(|_| panic!("modelgate did not start: {:?}", logs.lock().unwrap()))
-        .unwrap_or_else(|_| panic!("modelgate exited: {:?}", logs.lock().unwrap()));
-    App {
-        url,
-        emulator,
-        logs,
-        child,
-        _config: file,
-    }
+pub fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub fn config_file(text: &str) -> tempfile::NamedTempFile {
@@ -271,49 +332,4 @@ impl App {
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
-}
-
-/// One Server-Sent Event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sse {
-    pub event: String,
-    pub data: Value,
-}
-
-/// The events of an SSE response, as a browser's EventSource would see them.
-pub fn sse_events(response: reqwest::Response) -> impl Stream<Item = Sse> + Unpin {
-    response
-        .bytes_stream()
-        .eventsource()
-        .map(|event| {
-            let event = event.expect("a well-formed event stream");
-            Sse {
-                data: serde_json::from_str(&event.data).expect("event data is JSON"),
-                event: event.event,
-            }
-        })
-        .boxed()
-}
-
-/// All events until the stream ends.
-pub async fn all_sse_events(response: reqwest::Response) -> Vec<Sse> {
-    tokio::time::timeout(Duration::from_secs(20), sse_events(response).collect())
-        .await
-        .expect("the stream ends")
-}
-
-/// Asserts the status and the error code of a JSON error response and returns its message.
-pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> String {
-    assert_eq!(
-        response.status().as_u16(),
-        status,
-        "status of {}",
-        response.url()
-    );
-    let body: Value = response.json().await.expect("a JSON error body");
-    assert_eq!(body["error"]["code"], code, "{body}");
-    body["error"]["message"]
-        .as_str()
-        .expect("an error message")
-        .to_owned()
 }

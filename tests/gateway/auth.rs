@@ -5,49 +5,25 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio_tungstenite::{
     connect_async,
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
-use crate::app::{
-    App, LLAMA_ID, SECRET_KEY, expect_error, gateway_command, registry, spawn_app_env,
-};
+use crate::app::{App, LLAMA_ID, SECRET_KEY, TestApp, gateway_command, registry};
+use crate::client::expect_error;
 use crate::emulator::Scenario;
 
 pub const KEY: &str = "mg-team-a-0123456789abcdef";
 const ENV_KEY: &str = "mg-from-the-environment-42";
 
-pub fn sha256_hex(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-pub async fn spawn_with_keys(limits: &str) -> App {
-    spawn_with_keys_and_settings("", limits).await
-}
-
-/// Like [`spawn_with_keys`], with top-level `settings` (e.g. `body_read_timeout = "1s"`).
-pub async fn spawn_with_keys_and_settings(settings: &str, limits: &str) -> App {
-    let (settings, limits) = (settings.to_owned(), limits.to_owned());
-    spawn_app_env(
-        move |url| {
-            format!(
-                "{settings}\n{}\n[[api_keys]]\nid = \"team-a\"\nsha256 = \"{}\"\nlimits = {{ {limits} }}\n",
-                registry(url),
-                sha256_hex(KEY)
-            )
-        },
-        true,
-        &[
-            ("MODELGATE_API_KEYS", &format!("ops:{ENV_KEY}")),
-            ("RUST_LOG", "debug"),
-        ],
-    )
-    .await
+/// The gateway with two keys: `team-a` ([`KEY`]) with these `limits`, and `ops` from the
+/// environment; debug logs, to show that no secret reaches them.
+pub fn with_keys(limits: &str) -> TestApp<'static> {
+    TestApp::new()
+        .api_key("team-a", KEY, limits)
+        .env("MODELGATE_API_KEYS", &format!("ops:{ENV_KEY}"))
+        .env("RUST_LOG", "debug")
 }
 
 async fn invoke_with(app: &App, authorization: Option<&str>) -> reqwest::Response {
@@ -62,7 +38,7 @@ async fn invoke_with(app: &App, authorization: Option<&str>) -> reqwest::Respons
 
 #[tokio::test]
 async fn requests_without_a_valid_key_get_401_and_reach_nothing() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     let missing = invoke_with(&app, None).await;
     assert_eq!(missing.headers()["www-authenticate"], "Bearer");
     expect_error(missing, 401, "unauthorized").await;
@@ -94,7 +70,7 @@ async fn requests_without_a_valid_key_get_401_and_reach_nothing() {
 
 #[tokio::test]
 async fn a_key_works_as_bearer_header_query_parameter_and_websocket_subprotocol() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     assert_eq!(
         invoke_with(&app, Some(&format!("Bearer {KEY}")))
             .await
@@ -138,7 +114,7 @@ async fn a_key_works_as_bearer_header_query_parameter_and_websocket_subprotocol(
 
 #[tokio::test]
 async fn requests_over_the_keys_per_minute_limit_get_429_rate_limited_with_retry_after() {
-    let app = spawn_with_keys("requests_per_minute = 2").await;
+    let app = with_keys("requests_per_minute = 2").spawn().await;
     let bearer = format!("Bearer {KEY}");
     for _ in 0..2 {
         assert_eq!(invoke_with(&app, Some(&bearer)).await.status(), 200);
@@ -163,7 +139,9 @@ async fn requests_over_the_keys_per_minute_limit_get_429_rate_limited_with_retry
 
 #[tokio::test]
 async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() {
-    let app = spawn_with_keys("concurrent_streams = 1, tokens_per_minute = 30").await;
+    let app = with_keys("concurrent_streams = 1, tokens_per_minute = 30")
+        .spawn()
+        .await;
     app.emulator.script(
         LLAMA_ID,
         Scenario::Stall {
@@ -184,7 +162,7 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
         .await;
 
     // 7 input + 40 output tokens: more than the key's 30 per minute.
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["t"; 40]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["t"; 40]));
     let bearer = format!("Bearer {KEY}");
     assert_eq!(invoke_with(&app, Some(&bearer)).await.status(), 200);
     expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;
@@ -192,7 +170,7 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
 
 #[tokio::test]
 async fn keys_and_aws_secrets_never_reach_the_logs_or_the_metrics() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     invoke_with(&app, Some(&format!("Bearer {KEY}"))).await;
     invoke_with(&app, Some("Bearer a-wrong-key-to-log")).await;
     app.get(&format!("/stream?model=llama3&prompt=hi&api_key={KEY}"))

@@ -7,9 +7,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, LLAMA_ID, spawn_app, sse_events};
+use crate::app::{App, LLAMA_ID, TestApp};
+use crate::client::{connect, sse_events};
 use crate::emulator::Scenario;
-use crate::ws::connect;
 
 /// Waits until the emulator is serving one stream (or one stalled Invoke).
 async fn upstream_open(app: &App) {
@@ -24,9 +24,10 @@ async fn upstream_open(app: &App) {
 
 #[tokio::test]
 async fn an_invoke_client_that_leaves_stops_the_upstream_call() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
+        .spawn()
+        .await;
     let request = tokio::spawn({
         let url = format!("{}/invoke", app.url);
         async move {
@@ -44,9 +45,10 @@ async fn an_invoke_client_that_leaves_stops_the_upstream_call() {
 
 #[tokio::test]
 async fn an_sse_client_that_leaves_before_the_first_token_stops_the_upstream_call() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
+        .spawn()
+        .await;
     let request = tokio::spawn(reqwest::get(format!(
         "{}/stream?model=llama3&prompt=hi",
         app.url
@@ -58,13 +60,15 @@ async fn an_sse_client_that_leaves_before_the_first_token_stops_the_upstream_cal
 
 #[tokio::test]
 async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_call() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["thinking...".into()],
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::Stall {
+                pieces: vec!["thinking...".into()],
+            },
+        )
+        .spawn()
+        .await;
     let response = app.get("/stream?model=llama3&prompt=hi").await;
     let mut events = sse_events(response);
     assert_eq!(events.next().await.unwrap().data["text"], "thinking...");
@@ -79,9 +83,10 @@ async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_
 
 #[tokio::test]
 async fn a_websocket_client_that_leaves_before_the_first_token_stops_the_upstream_call() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3&streaming=1").await;
     socket.send(Message::text("take your time")).await.unwrap();
     upstream_open(&app).await;

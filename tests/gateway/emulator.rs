@@ -4,8 +4,7 @@
 //! JSON replies, paced event streams, HTTP errors, modeled exception frames,
 //! unmodeled error frames and dropped connections.
 //!
-//! See /work/shared/BEDROCK.md for the wire facts reproduced here.
-#![allow(dead_code)]
+//! The wire facts it reproduces are those of the AWS SDK for Rust and the Bedrock API reference.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -124,13 +123,44 @@ pub enum NativeStop {
 }
 
 impl Scenario {
-    /// Reply with these pieces, 20 ms apart, `NativeStop::EndTurn`, input_tokens 7.
-    pub fn reply(pieces: &[&str]) -> Scenario {
+    /// Reply with these pieces, 20 ms apart, `NativeStop::EndTurn`, input_tokens 7; the
+    /// methods below change each of these.
+    pub fn reply(pieces: impl IntoIterator<Item = impl ToString>) -> Scenario {
         Scenario::Reply {
-            pieces: pieces.iter().map(|p| p.to_string()).collect(),
+            pieces: pieces.into_iter().map(|p| p.to_string()).collect(),
             pace: DEFAULT_PACE,
             stop: NativeStop::EndTurn,
             input_tokens: DEFAULT_INPUT_TOKENS,
+        }
+    }
+
+    /// A [`Scenario::Reply`] with its pieces `pace` apart.
+    pub fn paced(mut self, every: Duration) -> Scenario {
+        *self.reply_field("paced").0 = every;
+        self
+    }
+
+    /// A [`Scenario::Reply`] that ends with `stop`.
+    pub fn stopping(mut self, stop: NativeStop) -> Scenario {
+        *self.reply_field("stopping").1 = stop;
+        self
+    }
+
+    /// A [`Scenario::Reply`] that reports `count` input tokens.
+    pub fn input_tokens(mut self, count: u32) -> Scenario {
+        *self.reply_field("input_tokens").2 = count;
+        self
+    }
+
+    fn reply_field(&mut self, method: &str) -> (&mut Duration, &mut NativeStop, &mut u32) {
+        match self {
+            Scenario::Reply {
+                pace,
+                stop,
+                input_tokens,
+                ..
+            } => (pace, stop, input_tokens),
+            other => panic!("Scenario::{method} applies to a Reply, not to {other:?}"),
         }
     }
 }
@@ -165,7 +195,7 @@ impl Emulator {
 
     /// Sets the behaviour for every later request to this model id (both
     /// operations) until changed. Model ids with no scenario get
-    /// `Scenario::reply(&["Hello", ", ", "world", "!"])`.
+    /// `Scenario::reply(["Hello", ", ", "world", "!"])`.
     pub fn script(&self, model_id: &str, scenario: Scenario) {
         lock(&self.state)
             .scenarios
@@ -240,7 +270,7 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
 }
 
 fn default_scenario() -> Scenario {
-    Scenario::reply(&["Hello", ", ", "world", "!"])
+    Scenario::reply(["Hello", ", ", "world", "!"])
 }
 
 // ---------------------------------------------------------------------------

@@ -101,12 +101,10 @@ async fn emulator_invoke_llama_anthropic_and_arn() {
     let profile = format!("us.{CLAUDE}");
     emu.script(
         &profile,
-        Scenario::Reply {
-            pieces: vec!["a".into(), "b".into()],
-            pace: Duration::ZERO,
-            stop: NativeStop::StopSequence,
-            input_tokens: 11,
-        },
+        Scenario::reply(["a", "b"])
+            .paced(Duration::ZERO)
+            .stopping(NativeStop::StopSequence)
+            .input_tokens(11),
     );
     let v = invoke(&c, &profile, &claude_body()).await.unwrap();
     assert_eq!(v["type"], "message");
@@ -121,12 +119,10 @@ async fn emulator_invoke_llama_anthropic_and_arn() {
     let arn = format!("arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.{CLAUDE}");
     emu.script(
         &arn,
-        Scenario::Reply {
-            pieces: vec!["x".into()],
-            pace: Duration::ZERO,
-            stop: NativeStop::MaxTokens,
-            input_tokens: 3,
-        },
+        Scenario::reply(["x"])
+            .paced(Duration::ZERO)
+            .stopping(NativeStop::MaxTokens)
+            .input_tokens(3),
     );
     let v = invoke(&c, &arn, &claude_body()).await.unwrap();
     assert_eq!(v["stop_reason"], "max_tokens");
@@ -285,12 +281,10 @@ async fn emulator_streams_llama_and_anthropic() {
 
     emu.script(
         CLAUDE,
-        Scenario::Reply {
-            pieces: vec!["Hi".into(), " there".into()],
-            pace: Duration::from_millis(5),
-            stop: NativeStop::MaxTokens,
-            input_tokens: 9,
-        },
+        Scenario::reply(["Hi", " there"])
+            .paced(Duration::from_millis(5))
+            .stopping(NativeStop::MaxTokens)
+            .input_tokens(9),
     );
     let mut out = stream(&c, CLAUDE, &claude_body()).await.unwrap();
     let mut events = Vec::new();
@@ -509,12 +503,7 @@ async fn emulator_detects_client_close() {
     let pieces: Vec<String> = (0..20).map(|i| format!("p{i} ")).collect();
     emu.script(
         LLAMA,
-        Scenario::Reply {
-            pieces,
-            pace: Duration::from_millis(100),
-            stop: NativeStop::EndTurn,
-            input_tokens: 7,
-        },
+        Scenario::reply(pieces).paced(Duration::from_millis(100)),
     );
     let c = client(&emu, false);
     let mut out = stream(&c, LLAMA, &llama_body()).await.unwrap();

@@ -8,9 +8,9 @@ use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, LLAMA_ID, all_sse_events, registry, spawn_app_with};
+use crate::app::{App, LLAMA_ID, TestApp, registry};
+use crate::client::{all_sse_events, connect, connect_json, next_json, next_text};
 use crate::emulator::{Scenario, StreamEnd};
-use crate::ws::{connect, connect_json, next_json, next_text};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
@@ -162,15 +162,12 @@ fn cut(sent: &[&str], code: &str) -> [(Transport, Seen); 3] {
 
 #[tokio::test]
 async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_error() {
-    let app = spawn_app_with(
-        |url| {
+    let app = TestApp::new().registry(|url| {
             registry(url).replace(
                 "endpoint_url",
                 "upstream = { max_attempts = 1, first_token_timeout = \"400ms\", idle_timeout = \"400ms\", total_timeout = \"2s\" }\nendpoint_url",
             )
-        },
-        true,
-    )
+        }).spawn()
     .await;
     let partial = ["partial", " answer"];
     let mut matrix: Vec<Case> = vec![
@@ -316,16 +313,15 @@ async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_erro
 
 #[tokio::test]
 async fn the_sdk_retries_throttling_before_the_answer_as_configured() {
-    let app = spawn_app_with(
-        |url| {
+    let app = TestApp::new()
+        .registry(|url| {
             registry(url).replace(
                 "endpoint_url",
                 "upstream = { max_attempts = 2 }\nendpoint_url",
             )
-        },
-        true,
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     app.emulator
         .script(LLAMA_ID, http_error(503, "ServiceUnavailableException"));
     let response = app

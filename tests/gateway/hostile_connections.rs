@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::app::{App, LLAMA_ID, spawn_app, spawn_app_with_nofile, spawn_app_with_settings};
+use crate::app::{App, LLAMA_ID, TestApp};
 use crate::emulator::Scenario;
 
 fn address(app: &App) -> String {
@@ -60,7 +60,10 @@ const HALF_A_HEAD: &[u8] =
 
 #[tokio::test]
 async fn half_sent_request_heads_are_closed_after_the_header_read_timeout() {
-    let app = spawn_app_with_settings("header_read_timeout = \"1s\"").await;
+    let app = TestApp::new()
+        .settings("header_read_timeout = \"1s\"")
+        .spawn()
+        .await;
     let mut attackers = open_connections(&app, 200, HALF_A_HEAD).await;
     assert_eq!(attackers.len(), 200);
     for socket in &mut attackers {
@@ -74,14 +77,20 @@ async fn half_sent_request_heads_are_closed_after_the_header_read_timeout() {
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
-    let app = spawn_app_with_settings("header_read_timeout = \"1s\"").await;
+    let app = TestApp::new()
+        .settings("header_read_timeout = \"1s\"")
+        .spawn()
+        .await;
     let mut silent = TcpStream::connect(address(&app)).await.unwrap();
     assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
 }
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
-    let app = spawn_app_with_settings("keep_alive_timeout = \"1s\"").await;
+    let app = TestApp::new()
+        .settings("keep_alive_timeout = \"1s\"")
+        .spawn()
+        .await;
     let mut socket = TcpStream::connect(address(&app)).await.unwrap();
     socket
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
@@ -99,9 +108,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() 
 
 #[tokio::test]
 async fn answers_that_take_longer_than_the_idle_timeouts_are_not_cut() {
-    let app = spawn_app_with_settings(
-        "header_read_timeout = \"500ms\"\nkeep_alive_timeout = \"500ms\"\nsse_keep_alive = \"10s\"",
-    )
+    let app = TestApp::new().settings("header_read_timeout = \"500ms\"\nkeep_alive_timeout = \"500ms\"\nsse_keep_alive = \"10s\"").spawn()
     .await;
     stall_llama(&app);
     let stream = app.get("/stream?model=llama3&prompt=hold").await;
@@ -123,7 +130,10 @@ async fn answers_that_take_longer_than_the_idle_timeouts_are_not_cut() {
 
 #[tokio::test]
 async fn at_max_connections_idle_sockets_make_room_for_real_requests() {
-    let app = spawn_app_with_settings("max_connections = 20").await;
+    let app = TestApp::new()
+        .settings("max_connections = 20")
+        .spawn()
+        .await;
     let attackers = open_connections(&app, 100, b"").await;
     let checks = attackers.into_iter().map(|mut socket| {
         tokio::spawn(async move { closed_within(&mut socket, Duration::from_secs(2)).await })
@@ -150,7 +160,7 @@ async fn at_max_connections_idle_sockets_make_room_for_real_requests() {
 
 #[tokio::test]
 async fn with_every_connection_busy_healthz_still_answers_and_the_rest_get_503() {
-    let app = spawn_app_with_settings("max_connections = 3").await;
+    let app = TestApp::new().settings("max_connections = 3").spawn().await;
     stall_llama(&app);
     let mut holders = Vec::new();
     for _ in 0..3 {
@@ -183,7 +193,11 @@ async fn with_every_connection_busy_healthz_still_answers_and_the_rest_get_503()
 #[tokio::test]
 async fn descriptor_exhaustion_neither_spins_nor_locks_out_new_clients() {
     // A cap above what the descriptors allow, as a misconfigured host would have.
-    let app = spawn_app_with_nofile("max_connections = 10000", 128).await;
+    let app = TestApp::new()
+        .settings("max_connections = 10000")
+        .nofile(128)
+        .spawn()
+        .await;
     let attackers = open_connections(&app, 300, b"").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = app.cpu_time();
@@ -205,7 +219,7 @@ async fn descriptor_exhaustion_neither_spins_nor_locks_out_new_clients() {
 
 #[tokio::test]
 async fn the_descriptor_limit_sets_the_default_connection_cap() {
-    let app = spawn_app_with_nofile("", 256).await;
+    let app = TestApp::new().nofile(256).spawn().await;
     let _attackers = open_connections(&app, 400, b"").await;
     let answer = tokio::time::timeout(
         Duration::from_secs(10),
@@ -254,7 +268,7 @@ async fn leave_with_pipelined_bytes(app: &App, request: &str) {
 
 #[tokio::test]
 async fn a_stream_client_that_leaves_with_unread_pipelined_bytes_stops_the_upstream() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     leave_with_pipelined_bytes(
         &app,
         "GET /stream?model=llama3&prompt=hi HTTP/1.1\r\nHost: gw\r\n\r\n",
@@ -264,7 +278,7 @@ async fn a_stream_client_that_leaves_with_unread_pipelined_bytes_stops_the_upstr
 
 #[tokio::test]
 async fn an_invoke_client_that_leaves_with_unread_pipelined_bytes_stops_the_upstream() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let body = r#"{"model":"llama3","prompt":"hi"}"#;
     leave_with_pipelined_bytes(
         &app,
@@ -298,7 +312,10 @@ async fn over_http2(app: &App, request: http::Request<()>) -> (u16, usize) {
 
 #[tokio::test]
 async fn http2_connections_advertise_a_cap_on_concurrent_streams() {
-    let app = spawn_app_with_settings("http2_max_concurrent_streams = 32").await;
+    let app = TestApp::new()
+        .settings("http2_max_concurrent_streams = 32")
+        .spawn()
+        .await;
     let request = http::Request::get(format!("{}/healthz", app.url))
         .body(())
         .unwrap();
@@ -307,7 +324,7 @@ async fn http2_connections_advertise_a_cap_on_concurrent_streams() {
 
 #[tokio::test]
 async fn over_http2_the_origin_check_reads_the_authority() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let models = |authority: &str| {
         http::Request::get(format!("http://{authority}/models"))
             .header("origin", format!("http://{authority}"))
@@ -324,7 +341,7 @@ async fn over_http2_the_origin_check_reads_the_authority() {
 
 #[tokio::test]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let mut app = spawn_app().await;
+    let mut app = TestApp::new().spawn().await;
     stall_llama(&app);
     let held = app.get("/stream?model=llama3&prompt=hold").await;
     assert_eq!(held.status(), 200);

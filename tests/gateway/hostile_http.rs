@@ -19,10 +19,10 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
-use crate::app::{App, LLAMA_ID, expect_error, registry, spawn_app, spawn_app_with};
-use crate::auth::{KEY, spawn_with_keys, spawn_with_keys_and_settings};
+use crate::app::{App, LLAMA_ID, TestApp, registry};
+use crate::auth::{KEY, with_keys};
+use crate::client::{connect_json, expect_error, next_json};
 use crate::emulator::Scenario;
-use crate::ws::{connect_json, next_json};
 
 const MIB: usize = 1024 * 1024;
 
@@ -79,7 +79,7 @@ impl SlowBody {
 
 #[tokio::test]
 async fn unauthenticated_slow_bodies_get_401_at_once_and_pin_no_memory() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     let before = app.rss_kib();
     let connections = (0..200).map(|_| {
         let app = &app;
@@ -105,7 +105,7 @@ async fn unauthenticated_slow_bodies_get_401_at_once_and_pin_no_memory() {
 
 #[tokio::test]
 async fn an_unauthenticated_malformed_body_gets_401_and_no_parse_details() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     let malformed = reqwest::Client::new()
         .post(format!("{}/invoke", app.url))
         .header("content-type", "application/json")
@@ -122,7 +122,10 @@ async fn an_unauthenticated_malformed_body_gets_401_and_no_parse_details() {
 
 #[tokio::test]
 async fn an_authenticated_body_that_never_ends_gets_408_after_body_read_timeout() {
-    let app = spawn_with_keys_and_settings("body_read_timeout = \"1s\"", "").await;
+    let app = with_keys("")
+        .settings("body_read_timeout = \"1s\"")
+        .spawn()
+        .await;
     let started = Instant::now();
     let mut request = slow_body(&app, &format!("Authorization: Bearer {KEY}\r\n"), 100, 10).await;
     let status = request.status_line(Duration::from_secs(10)).await;
@@ -133,7 +136,7 @@ async fn an_authenticated_body_that_never_ends_gets_408_after_body_read_timeout(
 
 #[tokio::test]
 async fn a_dns_rebinding_page_is_refused_on_http_and_at_the_websocket_handshake() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let port = authority(&app).rsplit_once(':').unwrap().1.to_owned();
     let evil_host = format!("evil.example:{port}");
     let evil_origin = format!("http://{evil_host}");
@@ -178,7 +181,7 @@ async fn a_dns_rebinding_page_is_refused_on_http_and_at_the_websocket_handshake(
 
 #[tokio::test]
 async fn a_cross_site_get_stream_without_origin_is_refused_and_reaches_nothing() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let get_stream = |site: &'static str| {
         reqwest::Client::new()
             .get(format!("{}/stream?model=llama3&prompt=hi", app.url))
@@ -221,7 +224,7 @@ async fn invoke_with_key(app: &App) -> reqwest::Response {
 
 #[tokio::test]
 async fn concurrent_streams_limits_invoke_too() {
-    let app = spawn_with_keys("concurrent_streams = 1").await;
+    let app = with_keys("concurrent_streams = 1").spawn().await;
     app.emulator.script(
         LLAMA_ID,
         Scenario::Stall {
@@ -253,7 +256,9 @@ async fn concurrent_streams_limits_invoke_too() {
 
 #[tokio::test]
 async fn requests_refused_for_concurrency_do_not_spend_the_requests_per_minute() {
-    let app = spawn_with_keys("requests_per_minute = 2, concurrent_streams = 1").await;
+    let app = with_keys("requests_per_minute = 2, concurrent_streams = 1")
+        .spawn()
+        .await;
     app.emulator.script(
         LLAMA_ID,
         Scenario::Stall {
@@ -275,7 +280,7 @@ async fn requests_refused_for_concurrency_do_not_spend_the_requests_per_minute()
     app.emulator
         .wait_streams_ended(1, Duration::from_secs(1))
         .await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["ok"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["ok"]));
     assert_eq!(
         invoke_with_key(&app).await.status(),
         200,
@@ -287,17 +292,16 @@ async fn requests_refused_for_concurrency_do_not_spend_the_requests_per_minute()
 
 #[tokio::test]
 async fn invoke_answers_504_when_the_first_token_is_later_than_first_token_timeout() {
-    let app = spawn_app_with(
-        |url| {
+    let app = TestApp::new()
+        .registry(|url| {
             registry(url).replacen(
                 "endpoint_url",
                 "upstream = { first_token_timeout = \"1s\" }\nendpoint_url",
                 1,
             )
-        },
-        true,
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     app.emulator
         .script(LLAMA_ID, Scenario::Stall { pieces: vec![] });
     let started = Instant::now();
@@ -314,7 +318,7 @@ async fn invoke_answers_504_when_the_first_token_is_later_than_first_token_timeo
 
 #[tokio::test]
 async fn get_stream_refuses_unknown_parameters_and_malformed_escapes() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     for query in [
         "model=llama3&prompt=hi&max_token=5",
         "model=llama3&prompt=%zz",
@@ -336,7 +340,7 @@ async fn get_stream_refuses_unknown_parameters_and_malformed_escapes() {
 
 #[tokio::test]
 async fn an_encoded_request_body_gets_415() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let encoded = reqwest::Client::new()
         .post(format!("{}/invoke", app.url))
         .header("content-type", "application/json")
@@ -354,7 +358,7 @@ async fn an_encoded_request_body_gets_415() {
 
 #[tokio::test]
 async fn metrics_need_a_key_when_keys_are_configured() {
-    let app = spawn_with_keys("").await;
+    let app = with_keys("").spawn().await;
     expect_error(app.get("/metrics").await, 401, "unauthorized").await;
     let metrics = reqwest::Client::new()
         .get(format!("{}/metrics", app.url))
@@ -374,7 +378,7 @@ async fn metrics_need_a_key_when_keys_are_configured() {
 
 #[tokio::test]
 async fn a_model_name_with_line_breaks_cannot_forge_a_log_line() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let mut socket = connect_json(&app, "llama3").await;
     socket
         .send(Message::Text(

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::app::{
-    App, CLAUDE_ID, LLAMA_ID, all_sse_events, expect_error, registry, spawn_app, spawn_app_with,
-};
-use crate::emulator::{NativeStop, Scenario};
+use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
+use crate::client::{all_sse_events, expect_error};
+use crate::emulator::Scenario;
 
 /// CPU time (user and system) the gateway process has used so far.
 fn cpu_time(app: &App) -> Duration {
@@ -34,12 +33,7 @@ fn cpu_time(app: &App) -> Duration {
 async fn cpu_of_a_long_stream(app: &App, pieces: usize, stop: &[String]) -> Duration {
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec!["a".to_owned(); pieces],
-            pace: Duration::ZERO,
-            stop: NativeStop::EndTurn,
-            input_tokens: 7,
-        },
+        Scenario::reply(vec!["a"; pieces]).paced(Duration::ZERO),
     );
     let before = cpu_time(app);
     let response = app
@@ -62,7 +56,7 @@ async fn cpu_of_a_long_stream(app: &App, pieces: usize, stop: &[String]) -> Dura
 
 #[tokio::test]
 async fn eight_stop_sequences_of_256_characters_cost_little_cpu_over_a_long_stream() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     // Sequences that the all-`a` answer keeps half matching, the worst case of matching
     // each sequence against the text held back.
     let stop: Vec<String> = ('b'..='i')
@@ -81,7 +75,7 @@ async fn eight_stop_sequences_of_256_characters_cost_little_cpu_over_a_long_stre
 
 #[tokio::test]
 async fn a_stop_sequence_over_256_characters_gets_400_before_any_upstream_call() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let response = app
         .post(
             "/invoke",
@@ -113,7 +107,7 @@ fn forged_conversation(model: &str) -> Value {
 
 #[tokio::test]
 async fn a_forged_llama3_turn_gets_400_and_nothing_reaches_the_upstream() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let response = app.post("/invoke", &forged_conversation("llama3")).await;
     let message = expect_error(response, 400, "invalid_request").await;
     assert!(
@@ -141,17 +135,16 @@ async fn a_forged_llama3_turn_gets_400_and_nothing_reaches_the_upstream() {
 
 #[tokio::test]
 async fn with_special_tokens_escape_the_upstream_prompt_holds_no_forged_turn() {
-    let app = spawn_app_with(
-        |url| {
+    let app = TestApp::new()
+        .registry(|url| {
             registry(url).replacen(
                 "name = \"llama3\"\n",
                 "name = \"llama3\"\nspecial_tokens = \"escape\"\n",
                 1,
             )
-        },
-        true,
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     let response = app.post("/invoke", &forged_conversation("llama3")).await;
     assert_eq!(response.status(), 200);
     let sent = app.emulator.requests();
@@ -171,8 +164,10 @@ async fn with_special_tokens_escape_the_upstream_prompt_holds_no_forged_turn() {
 async fn claude_renders_no_prompt_so_its_messages_go_upstream_as_written() {
     // Claude's body is JSON: the text is a string value, and the `anthropic` format has no
     // special tokens to keep out.
-    let app = spawn_app().await;
-    app.emulator.script(CLAUDE_ID, Scenario::reply(&["ok"]));
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::reply(["ok"]))
+        .spawn()
+        .await;
     let response = app.post("/invoke", &forged_conversation("anthropic")).await;
     assert_eq!(response.status(), 200);
     let sent = app.emulator.requests();

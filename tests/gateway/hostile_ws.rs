@@ -15,9 +15,9 @@ use tokio_tungstenite::{
     tungstenite::{Message, protocol::frame::coding::CloseCode},
 };
 
-use crate::app::{App, LLAMA_ID, registry, spawn_app, spawn_app_env, spawn_app_with_settings};
-use crate::emulator::{NativeStop, Scenario};
-use crate::ws::{Socket, connect, connect_json, next_json, next_text};
+use crate::app::{App, LLAMA_ID, TestApp};
+use crate::client::{Socket, connect, connect_json, next_json, next_text};
+use crate::emulator::Scenario;
 
 const OPCODE_TEXT: u8 = 0x1;
 const OPCODE_CONTINUATION: u8 = 0x0;
@@ -153,8 +153,7 @@ async fn frames_until_pong(socket: &mut Socket, ping: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn prompts_sent_ahead_are_refused_beyond_the_connections_byte_budget() {
-    let app = spawn_app().await;
-    app.emulator.script(LLAMA_ID, stall());
+    let app = TestApp::new().scenario(LLAMA_ID, stall()).spawn().await;
     let ahead = "a".repeat(40 * 1024);
 
     let mut text = connect(&app, "model=llama3&streaming=1").await;
@@ -204,10 +203,10 @@ async fn prompts_queued_on_many_connections_stay_within_the_gateway_wide_budget(
     const CONNECTIONS: usize = 40;
     const AHEAD: usize = 15;
     const PROMPT_BYTES: usize = 512 * 1024;
-    let app = spawn_app_with_settings(
-        "ws_max_queued_bytes = 16777216\nws_max_queued_bytes_total = 8388608",
-    )
-    .await;
+    let app = TestApp::new()
+        .settings("ws_max_queued_bytes = 16777216\nws_max_queued_bytes_total = 8388608")
+        .spawn()
+        .await;
     app.emulator.script(LLAMA_ID, stall());
     let mut sockets = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
@@ -262,7 +261,10 @@ async fn prompts_queued_on_many_connections_stay_within_the_gateway_wide_budget(
 
 #[tokio::test]
 async fn a_message_far_over_the_limit_closes_with_1009_and_so_do_its_fragments() {
-    let app = spawn_app_with_settings("ws_max_message_bytes = 65536").await;
+    let app = TestApp::new()
+        .settings("ws_max_message_bytes = 65536")
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3").await;
     socket
         .send(Message::text("x".repeat(1024 * 1024)))
@@ -291,7 +293,7 @@ async fn a_message_far_over_the_limit_closes_with_1009_and_so_do_its_fragments()
 
 #[tokio::test]
 async fn protocol_violations_close_with_1002_and_a_text_message_that_is_not_utf8_with_1007() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let mut unmasked = RawClient::connect(&app, "model=llama3").await;
     unmasked
         .send_frame(0x80 | OPCODE_TEXT, b"hello", false)
@@ -325,7 +327,10 @@ async fn protocol_violations_close_with_1002_and_a_text_message_that_is_not_utf8
 
 #[tokio::test]
 async fn a_websocket_opened_while_draining_gets_503_at_the_handshake() {
-    let app = spawn_app_with_settings("shutdown_grace = \"20s\"").await;
+    let app = TestApp::new()
+        .settings("shutdown_grace = \"20s\"")
+        .spawn()
+        .await;
     app.emulator.script(LLAMA_ID, stall());
     // An answer in flight keeps the gateway draining.
     let holder = app.get("/stream?model=llama3&prompt=hold").await;
@@ -352,7 +357,7 @@ async fn a_websocket_opened_while_draining_gets_503_at_the_handshake() {
 
 #[tokio::test]
 async fn a_json_frame_with_a_repeated_key_is_refused_naming_it() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let mut socket = connect_json(&app, "llama3").await;
     for (frame, field) in [
         (r#"{"prompt": "a", "prompt": "b"}"#, "`prompt`"),
@@ -389,12 +394,10 @@ async fn a_json_frame_with_a_repeated_key_is_refused_naming_it() {
 #[tokio::test]
 async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
     const KEY: &str = "mg-secret-in-subprotocol-42";
-    let app = spawn_app_env(
-        registry,
-        true,
-        &[("MODELGATE_API_KEYS", &format!("ui:{KEY}"))],
-    )
-    .await;
+    let app = TestApp::new()
+        .env("MODELGATE_API_KEYS", &format!("ui:{KEY}"))
+        .spawn()
+        .await;
     let bearer = format!("bearer.{KEY}");
 
     let (_json, head) = RawClient::open(
@@ -419,7 +422,7 @@ async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
     assert!(!head.contains(KEY), "{head}");
 
     // What a browser's text-mode client with a key does instead.
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["hi"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["hi"]));
     let (mut socket, _) = connect_async(app.ws_url(&format!("model=llama3&api_key={KEY}")))
         .await
         .expect("the key as a query parameter");
@@ -429,16 +432,15 @@ async fn the_key_in_a_subprotocol_is_never_echoed_in_the_handshake() {
 
 #[tokio::test]
 async fn a_silent_connection_is_pinged_then_closed_unless_it_answers_or_an_answer_streams() {
-    let app =
-        spawn_app_with_settings("ws_ping_interval = \"200ms\"\nws_idle_timeout = \"700ms\"").await;
+    let app = TestApp::new()
+        .settings("ws_ping_interval = \"200ms\"\nws_idle_timeout = \"700ms\"")
+        .spawn()
+        .await;
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: (0..30).map(|i| format!("{i} ")).collect(),
-            pace: Duration::from_millis(50),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply((0..30).map(|i| format!("{i} ")))
+            .paced(Duration::from_millis(50))
+            .input_tokens(1),
     );
     // A client that answers pings (tungstenite does, as it reads) stays.
     let mut alive = connect(&app, "model=llama3").await;
@@ -474,7 +476,7 @@ async fn a_silent_connection_is_pinged_then_closed_unless_it_answers_or_an_answe
 
 #[tokio::test]
 async fn a_model_name_in_a_json_frame_cannot_forge_a_log_line() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let mut socket = connect_json(&app, "llama3").await;
     socket
         .send(Message::text(

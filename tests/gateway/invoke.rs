@@ -3,16 +3,16 @@
 
 use serde_json::{Value, json};
 
-use crate::app::{
-    ACCESS_KEY, CLAUDE_ID, LLAMA_ID, expect_error, registry, spawn_app, spawn_app_with,
-};
+use crate::app::{ACCESS_KEY, CLAUDE_ID, LLAMA_ID, TestApp, registry};
+use crate::client::expect_error;
 use crate::emulator::{NativeStop, Operation, Scenario};
 
 #[tokio::test]
 async fn invoke_llama3_renders_the_instruct_template_and_returns_text_and_usage() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::reply(&["Paris", " is the capital."]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["Paris", " is the capital."]))
+        .spawn()
+        .await;
 
     let response = app
         .post(
@@ -59,16 +59,16 @@ async fn invoke_llama3_renders_the_instruct_template_and_returns_text_and_usage(
 
 #[tokio::test]
 async fn invoke_anthropic_sends_a_multi_turn_messages_body() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        CLAUDE_ID,
-        Scenario::Reply {
-            pieces: vec!["Lyon".into()],
-            pace: std::time::Duration::ZERO,
-            stop: NativeStop::StopSequence,
-            input_tokens: 31,
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::reply(["Lyon"])
+                .paced(std::time::Duration::ZERO)
+                .stopping(NativeStop::StopSequence)
+                .input_tokens(31),
+        )
+        .spawn()
+        .await;
 
     let response = app
         .post(
@@ -117,16 +117,14 @@ async fn invoke_anthropic_sends_a_multi_turn_messages_body() {
 
 #[tokio::test]
 async fn a_native_length_stop_is_reported_as_max_tokens() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     for (model, id) in [("llama3", LLAMA_ID), ("anthropic", CLAUDE_ID)] {
         app.emulator.script(
             id,
-            Scenario::Reply {
-                pieces: vec!["cut".into()],
-                pace: std::time::Duration::ZERO,
-                stop: NativeStop::MaxTokens,
-                input_tokens: 3,
-            },
+            Scenario::reply(["cut"])
+                .paced(std::time::Duration::ZERO)
+                .stopping(NativeStop::MaxTokens)
+                .input_tokens(3),
         );
         let response = app
             .post(
@@ -141,7 +139,7 @@ async fn a_native_length_stop_is_reported_as_max_tokens() {
 
 #[tokio::test]
 async fn invalid_requests_are_refused_with_400_before_any_upstream_call() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let cases = [
         (json!({"model": "llama3"}), "required"),
         (
@@ -204,7 +202,7 @@ async fn invalid_requests_are_refused_with_400_before_any_upstream_call() {
 
 #[tokio::test]
 async fn an_unknown_model_is_404_and_names_the_way_to_list_models() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let message = expect_error(
         app.post("/invoke", &json!({"model": "gpt-9", "prompt": "hi"}))
             .await,
@@ -220,7 +218,7 @@ async fn an_unknown_model_is_404_and_names_the_way_to_list_models() {
 
 #[tokio::test]
 async fn a_body_over_one_mebibyte_is_413() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let prompt = "x".repeat(1024 * 1024 + 1);
     let response = app
         .post("/invoke", &json!({"model": "llama3", "prompt": prompt}))
@@ -230,7 +228,7 @@ async fn a_body_over_one_mebibyte_is_413() {
 
 #[tokio::test]
 async fn upstream_errors_map_to_the_contract_statuses() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let cases = [
         (
             400,
@@ -326,15 +324,17 @@ async fn upstream_errors_map_to_the_contract_statuses() {
 
 #[tokio::test]
 async fn a_model_that_needs_an_inference_profile_says_so() {
-    let app = spawn_app().await;
-    app.emulator.script(
+    let app = TestApp::new()
+    .scenario(
         LLAMA_ID,
         Scenario::HttpError {
             status: 400,
             error_type: "ValidationException".into(),
             message: "Invocation of model ID meta.llama3-70b-instruct-v1:0 with on-demand throughput isn't supported. Retry your request with the ID or ARN of an inference profile that contains this model.".into(),
         },
-    );
+    )
+    .spawn()
+    .await;
     let message = expect_error(
         app.post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
             .await,
@@ -350,7 +350,7 @@ async fn a_model_that_needs_an_inference_profile_says_so() {
 
 #[tokio::test]
 async fn missing_aws_credentials_are_a_503_that_says_what_to_do_and_the_server_stays_up() {
-    let app = spawn_app_with(registry, false).await;
+    let app = TestApp::new().without_credentials().spawn().await;
     let message = expect_error(
         app.post("/invoke", &json!({"model": "anthropic", "prompt": "hi"}))
             .await,
@@ -368,7 +368,10 @@ async fn missing_aws_credentials_are_a_503_that_says_what_to_do_and_the_server_s
 
 #[tokio::test]
 async fn an_unreachable_endpoint_is_503_upstream_unavailable() {
-    let app = spawn_app_with(|_| registry("http://127.0.0.1:9"), true).await;
+    let app = TestApp::new()
+        .registry(|_| registry("http://127.0.0.1:9"))
+        .spawn()
+        .await;
     let message = expect_error(
         app.post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
             .await,
@@ -381,7 +384,7 @@ async fn an_unreachable_endpoint_is_503_upstream_unavailable() {
 
 #[tokio::test]
 async fn the_aws_secret_and_the_prompt_never_reach_the_logs_but_the_request_id_does() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let response = reqwest::Client::new()
         .post(format!("{}/invoke", app.url))
         .header("x-request-id", "trace-me-42")

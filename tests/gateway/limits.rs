@@ -6,11 +6,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
-use crate::app::{
-    App, LLAMA_ID, all_sse_events, expect_error, registry, spawn_app_with, spawn_app_with_settings,
-};
-use crate::emulator::{NativeStop, Scenario, StreamEnd};
-use crate::ws::connect;
+use crate::app::{App, LLAMA_ID, TestApp, registry};
+use crate::client::{all_sse_events, connect, expect_error};
+use crate::emulator::{Scenario, StreamEnd};
 
 /// Opens a stream that the model keeps open (one piece, then silence), holding its slots.
 async fn hold_a_stream(app: &App) -> reqwest::Response {
@@ -25,17 +23,16 @@ async fn hold_a_stream(app: &App) -> reqwest::Response {
 
 #[tokio::test]
 async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slot_frees() {
-    let app = spawn_app_with(
-        |url| {
+    let app = TestApp::new()
+        .registry(|url| {
             registry(url).replacen(
                 "endpoint_url",
                 "upstream = { max_concurrent = 1 }\nendpoint_url",
                 1,
             )
-        },
-        true,
-    )
-    .await;
+        })
+        .spawn()
+        .await;
     let holder = hold_a_stream(&app).await;
     assert_eq!(holder.status(), 200);
 
@@ -58,7 +55,7 @@ async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slo
     app.emulator
         .wait_streams_ended(2, Duration::from_secs(1))
         .await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["free"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["free"]));
     let freed = app
         .post("/invoke", &json!({"model": "llama3", "prompt": "now?"}))
         .await;
@@ -71,7 +68,10 @@ async fn a_model_at_its_concurrency_cap_answers_503_with_retry_after_until_a_slo
 
 #[tokio::test]
 async fn the_gateway_wide_cap_holds_across_models() {
-    let app = spawn_app_with_settings("max_concurrent_upstream = 1").await;
+    let app = TestApp::new()
+        .settings("max_concurrent_upstream = 1")
+        .spawn()
+        .await;
     let _holder = hold_a_stream(&app).await;
     let refused = app
         .post("/invoke", &json!({"model": "anthropic", "prompt": "hi"}))
@@ -82,7 +82,10 @@ async fn the_gateway_wide_cap_holds_across_models() {
 
 #[tokio::test]
 async fn long_inputs_and_long_conversations_are_413_before_any_upstream_call() {
-    let app = spawn_app_with_settings("max_input_chars = 100\nmax_messages = 3").await;
+    let app = TestApp::new()
+        .settings("max_input_chars = 100\nmax_messages = 3")
+        .spawn()
+        .await;
     let long = app
         .post(
             "/invoke",
@@ -102,7 +105,10 @@ async fn long_inputs_and_long_conversations_are_413_before_any_upstream_call() {
 
 #[tokio::test]
 async fn a_websocket_message_over_the_limit_closes_the_connection_with_1009() {
-    let app = spawn_app_with_settings("ws_max_message_bytes = 1000").await;
+    let app = TestApp::new()
+        .settings("ws_max_message_bytes = 1000")
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3").await;
     socket.send(Message::text("x".repeat(1500))).await.unwrap();
     let close = tokio::time::timeout(Duration::from_secs(5), async {
@@ -123,25 +129,25 @@ async fn a_websocket_message_over_the_limit_closes_the_connection_with_1009() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_while_others_stream_on() {
-    let app = spawn_app_with_settings("slow_client_timeout = \"500ms\"").await;
+    let app = TestApp::new()
+        .settings("slow_client_timeout = \"500ms\"")
+        .spawn()
+        .await;
     // 400 pieces of 32 KiB, as fast as the emulator can write: more than the socket
     // buffers and the gateway's queue hold for a client that reads nothing.
     let big = "y".repeat(32 * 1024);
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec![big; 400],
-            pace: Duration::ZERO,
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec![big; 400])
+            .paced(Duration::ZERO)
+            .input_tokens(1),
     );
     let stalled = app.get("/stream?model=llama3&prompt=flood").await;
     assert_eq!(stalled.status(), 200);
 
     app.emulator.script(
         crate::app::CLAUDE_ID,
-        Scenario::reply(&["still", " streaming"]),
+        Scenario::reply(["still", " streaming"]),
     );
     let events = all_sse_events(app.get("/stream?model=anthropic&prompt=hi").await).await;
     assert_eq!(

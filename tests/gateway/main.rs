@@ -4,6 +4,7 @@
 mod app;
 mod auth;
 mod cancellation;
+mod client;
 mod emulator;
 mod emulator_selftest;
 mod faults;

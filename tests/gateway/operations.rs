@@ -6,18 +6,16 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, protocol::frame::coding::CloseCode};
 
-use crate::app::{
-    CLAUDE_ID, LLAMA_ID, all_sse_events, registry, spawn_app, spawn_app_env,
-    spawn_app_with_settings, sse_events,
-};
-use crate::emulator::{NativeStop, Scenario};
-use crate::ws::{connect, connect_json, next_json};
+use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp};
+use crate::client::{all_sse_events, connect, connect_json, next_json, sse_events};
+use crate::emulator::Scenario;
 
 #[tokio::test]
 async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::reply(&["a", "b", "c"]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["a", "b", "c"]))
+        .spawn()
+        .await;
     app.post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
         .await;
     all_sse_events(app.get("/stream?model=llama3&prompt=hi").await).await;
@@ -47,15 +45,17 @@ async fn metrics_count_requests_tokens_latency_and_streams_in_prometheus_format(
 
 #[tokio::test]
 async fn an_answer_that_fails_midway_still_counts_the_tokens_generated() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::ExceptionAfter {
-            pieces: vec!["one".into(), " two".into()],
-            exception_type: "modelStreamErrorException".into(),
-            message: "broke".into(),
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::ExceptionAfter {
+                pieces: vec!["one".into(), " two".into()],
+                exception_type: "modelStreamErrorException".into(),
+                message: "broke".into(),
+            },
+        )
+        .spawn()
+        .await;
     let events = all_sse_events(app.get("/stream?model=llama3&prompt=hi").await).await;
     assert_eq!(events.last().unwrap().event, "error");
     let metrics = app.get("/metrics").await.text().await.unwrap();
@@ -74,7 +74,10 @@ async fn an_answer_that_fails_midway_still_counts_the_tokens_generated() {
 
 #[tokio::test]
 async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
-    let app = spawn_app_env(registry, true, &[("MODELGATE_LOG_FORMAT", "json")]).await;
+    let app = TestApp::new()
+        .env("MODELGATE_LOG_FORMAT", "json")
+        .spawn()
+        .await;
     let response = reqwest::Client::new()
         .post(format!("{}/invoke", app.url))
         .header("x-request-id", "json-log-check")
@@ -100,8 +103,42 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
 }
 
 #[tokio::test]
+async fn the_access_log_names_an_unknown_model_and_the_metrics_do_not() {
+    let app = TestApp::new().spawn().await;
+    let response = app
+        .post(
+            "/invoke",
+            &json!({"model": "gpt-nine\nFORGED", "prompt": "hi"}),
+        )
+        .await;
+    assert_eq!(response.status(), 404);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let logs = app.logs();
+    let answered = logs
+        .lines()
+        .find(|line| line.contains("answered") && line.contains("status=404"))
+        .unwrap_or_else(|| panic!("no `answered` line for the request: {logs}"));
+    assert!(
+        answered.contains(r#"model="gpt-nine\nFORGED""#),
+        "{answered}"
+    );
+    assert!(
+        !logs.lines().any(|line| line.starts_with("FORGED")),
+        "{logs}"
+    );
+    assert!(
+        metrics.contains(r#"modelgate_requests_total{route="/invoke",model="",status="404"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("gpt-nine"), "{metrics}");
+}
+
+#[tokio::test]
 async fn cors_answers_listed_origins_and_refuses_others() {
-    let app = spawn_app_with_settings("allowed_origins = [\"https://chat.example.com\"]").await;
+    let app = TestApp::new()
+        .settings("allowed_origins = [\"https://chat.example.com\"]")
+        .spawn()
+        .await;
     let client = reqwest::Client::new();
     let preflight = client
         .request(reqwest::Method::OPTIONS, format!("{}/invoke", app.url))
@@ -167,25 +204,22 @@ async fn cors_answers_listed_origins_and_refuses_others() {
 
 #[tokio::test]
 async fn shutdown_lets_short_answers_finish_ends_long_ones_refuses_new_work_and_exits_0() {
-    let mut app = spawn_app_with_settings("shutdown_grace = \"1500ms\"").await;
+    let mut app = TestApp::new()
+        .settings("shutdown_grace = \"1500ms\"")
+        .spawn()
+        .await;
     // A short answer (finishes within the grace period) and a long one (does not).
     app.emulator.script(
         CLAUDE_ID,
-        Scenario::Reply {
-            pieces: vec!["short".into(); 5],
-            pace: Duration::from_millis(100),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec!["short"; 5])
+            .paced(Duration::from_millis(100))
+            .input_tokens(1),
     );
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: vec!["long".into(); 100],
-            pace: Duration::from_millis(100),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
+        Scenario::reply(vec!["long"; 100])
+            .paced(Duration::from_millis(100))
+            .input_tokens(1),
     );
     let mut short = sse_events(app.get("/stream?model=anthropic&prompt=hi").await);
     let mut long = sse_events(app.get("/stream?model=llama3&prompt=hi").await);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::app::{CLAUDE_ID, LLAMA_ID, config_file, gateway_command, spawn_app};
+use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp, config_file, gateway_command};
 
 async fn openapi_from_binary() -> String {
     let output = gateway_command(false)
@@ -72,7 +72,7 @@ async fn the_openapi_document_is_valid_openapi_3_and_describes_every_operation()
 
 #[tokio::test]
 async fn openapi_json_and_swagger_ui_are_served() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let served = app.get("/openapi.json").await;
     assert_eq!(served.status(), 200);
     let served: Value = served.json().await.unwrap();
@@ -85,7 +85,7 @@ async fn openapi_json_and_swagger_ui_are_served() {
 
 #[tokio::test]
 async fn models_and_health_are_listed() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let models: Value = app.get("/models").await.json().await.unwrap();
     assert_eq!(
         models,

@@ -14,9 +14,9 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, LLAMA_ID, registry, spawn_app_with, sse_events};
-use crate::emulator::{NativeStop, Scenario};
-use crate::ws::connect_json;
+use crate::app::{App, LLAMA_ID, TestApp, registry};
+use crate::client::{connect_json, sse_events};
+use crate::emulator::Scenario;
 
 const CLIENTS: usize = 300;
 /// Identical rounds of clients; RSS after the second is compared with RSS after the last.
@@ -103,8 +103,8 @@ async fn client(app: &App, index: usize) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_streams_with_stalls_and_departures_leave_nothing_behind() {
     let app = Arc::new(
-        spawn_app_with(
-            |url| {
+        TestApp::new()
+            .registry(|url| {
                 format!(
                     "max_concurrent_upstream = 1000\n{}",
                     registry(url).replace(
@@ -112,21 +112,17 @@ async fn hundreds_of_streams_with_stalls_and_departures_leave_nothing_behind() {
                         "upstream = { max_concurrent = 1000 }\nendpoint_url"
                     )
                 )
-            },
-            true,
-        )
-        .await,
+            })
+            .spawn()
+            .await,
     );
     let words: Vec<String> = (0..PIECES).map(|i| format!("word{i} ")).collect();
     let expected = words.concat();
     app.emulator.script(
         LLAMA_ID,
-        Scenario::Reply {
-            pieces: words,
-            pace: Duration::from_millis(10),
-            stop: NativeStop::EndTurn,
-            input_tokens: 5,
-        },
+        Scenario::reply(words)
+            .paced(Duration::from_millis(10))
+            .input_tokens(5),
     );
     for index in [3, 4] {
         assert_eq!(

@@ -6,7 +6,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::app::{CLAUDE_ID, LLAMA_ID, Sse, all_sse_events, expect_error, spawn_app, sse_events};
+use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp};
+use crate::client::{Sse, all_sse_events, expect_error, sse_events};
 use crate::emulator::{NativeStop, Operation, Scenario, StreamEnd};
 
 fn chunk(text: &str) -> Sse {
@@ -18,10 +19,10 @@ fn chunk(text: &str) -> Sse {
 
 #[tokio::test]
 async fn get_stream_sends_each_piece_as_a_chunk_event_then_done_for_both_formats() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     for (model, id) in [("llama3", LLAMA_ID), ("anthropic", CLAUDE_ID)] {
         app.emulator
-            .script(id, Scenario::reply(&["The", " capital", " is", " Paris."]));
+            .script(id, Scenario::reply(["The", " capital", " is", " Paris."]));
         let response = app
             .get(&format!(
                 "/stream?model={model}&prompt=Capital%20of%20France%3F&max_tokens=20&temperature=0"
@@ -74,16 +75,16 @@ async fn get_stream_sends_each_piece_as_a_chunk_event_then_done_for_both_formats
 
 #[tokio::test]
 async fn post_stream_takes_the_invoke_body() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        CLAUDE_ID,
-        Scenario::Reply {
-            pieces: vec!["a".into(), "b".into()],
-            pace: Duration::from_millis(5),
-            stop: NativeStop::MaxTokens,
-            input_tokens: 12,
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::reply(["a", "b"])
+                .paced(Duration::from_millis(5))
+                .stopping(NativeStop::MaxTokens)
+                .input_tokens(12),
+        )
+        .spawn()
+        .await;
     let response = app
         .post(
             "/stream",
@@ -102,16 +103,15 @@ async fn post_stream_takes_the_invoke_body() {
 
 #[tokio::test]
 async fn chunks_are_forwarded_while_the_model_is_still_writing() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Reply {
-            pieces: (0..6).map(|i| format!("piece{i} ")).collect(),
-            pace: Duration::from_millis(300),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::reply((0..6).map(|i| format!("piece{i} ")))
+                .paced(Duration::from_millis(300))
+                .input_tokens(1),
+        )
+        .spawn()
+        .await;
     let response = app.get("/stream?model=llama3&prompt=go").await;
     let mut events = sse_events(response);
     let first = events.next().await.unwrap();
@@ -128,15 +128,17 @@ async fn chunks_are_forwarded_while_the_model_is_still_writing() {
 
 #[tokio::test]
 async fn an_error_before_the_first_chunk_is_a_real_status_not_a_200() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::HttpError {
-            status: 400,
-            error_type: "ValidationException".into(),
-            message: "Malformed input request".into(),
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::HttpError {
+                status: 400,
+                error_type: "ValidationException".into(),
+                message: "Malformed input request".into(),
+            },
+        )
+        .spawn()
+        .await;
     expect_error(
         app.get("/stream?model=llama3&prompt=hi").await,
         400,
@@ -181,7 +183,7 @@ async fn an_error_before_the_first_chunk_is_a_real_status_not_a_200() {
 
 #[tokio::test]
 async fn a_mid_stream_exception_is_one_error_event_and_the_server_carries_on() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let cases = [
         ("throttlingException", "throttled"),
         ("modelStreamErrorException", "upstream_error"),
@@ -216,15 +218,17 @@ async fn a_mid_stream_exception_is_one_error_event_and_the_server_carries_on() {
 
 #[tokio::test]
 async fn an_unmodeled_error_frame_or_a_dropped_connection_ends_the_stream_with_an_error_event() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        CLAUDE_ID,
-        Scenario::ErrorFrameAfter {
-            pieces: vec!["half".into()],
-            code: "InternalFailure".into(),
-            message: "something broke".into(),
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::ErrorFrameAfter {
+                pieces: vec!["half".into()],
+                code: "InternalFailure".into(),
+                message: "something broke".into(),
+            },
+        )
+        .spawn()
+        .await;
     let events = all_sse_events(app.get("/stream?model=anthropic&prompt=hi").await).await;
     assert_eq!(events[0], chunk("half"));
     assert_eq!(events[1].event, "error");
@@ -254,16 +258,15 @@ async fn an_unmodeled_error_frame_or_a_dropped_connection_ends_the_stream_with_a
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_closes_the_upstream_stream_within_a_second() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Reply {
-            pieces: (0..100).map(|i| format!("{i} ")).collect(),
-            pace: Duration::from_millis(50),
-            stop: NativeStop::EndTurn,
-            input_tokens: 1,
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::reply((0..100).map(|i| format!("{i} ")))
+                .paced(Duration::from_millis(50))
+                .input_tokens(1),
+        )
+        .spawn()
+        .await;
     let response = app.get("/stream?model=llama3&prompt=count").await;
     let mut events = sse_events(response);
     assert_eq!(events.next().await.unwrap(), chunk("0 "));

@@ -2,82 +2,31 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
+    connect_async,
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
-use crate::app::{App, CLAUDE_ID, LLAMA_ID, spawn_app, spawn_app_with_settings};
-use crate::emulator::{NativeStop, Scenario};
-
-pub type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
-pub async fn connect(app: &App, query: &str) -> Socket {
-    connect_async(app.ws_url(query))
-        .await
-        .expect("the handshake succeeds")
-        .0
-}
-
-pub async fn connect_json(app: &App, model: &str) -> Socket {
-    let mut request = app
-        .ws_url(&format!("model={model}"))
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("modelgate.v1"),
-    );
-    let (socket, response) = connect_async(request)
-        .await
-        .expect("the handshake succeeds");
-    assert_eq!(response.headers()["sec-websocket-protocol"], "modelgate.v1");
-    socket
-}
-
-/// The next data message (text or binary), skipping control frames.
-pub async fn next_message(socket: &mut Socket) -> Message {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
-            .await
-            .expect("a message in time")
-            .expect("the socket is open")
-            .expect("a valid frame");
-        if message.is_text() || message.is_binary() || message.is_close() {
-            return message;
-        }
-    }
-}
-
-pub async fn next_text(socket: &mut Socket) -> String {
-    match next_message(socket).await {
-        Message::Text(text) => text.to_string(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
-
-pub async fn next_json(socket: &mut Socket) -> Value {
-    serde_json::from_str(&next_text(socket).await).expect("a JSON frame")
-}
+use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp};
+use crate::client::{connect, connect_json, next_json, next_message, next_text};
+use crate::emulator::Scenario;
 
 fn slow_reply(pieces: usize) -> Scenario {
-    Scenario::Reply {
-        pieces: (0..pieces).map(|i| format!("{i} ")).collect(),
-        pace: Duration::from_millis(50),
-        stop: NativeStop::EndTurn,
-        input_tokens: 1,
-    }
+    Scenario::reply((0..pieces).map(|i| format!("{i} ")))
+        .paced(Duration::from_millis(50))
+        .input_tokens(1)
 }
 
 #[tokio::test]
 async fn text_mode_without_streaming_answers_each_prompt_with_one_message() {
-    let app = spawn_app().await;
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["Hello", ", ", "world"]))
+        .spawn()
+        .await;
     app.emulator
-        .script(LLAMA_ID, Scenario::reply(&["Hello", ", ", "world"]));
-    app.emulator
-        .script(CLAUDE_ID, Scenario::reply(&["Bonjour", " !"]));
+        .script(CLAUDE_ID, Scenario::reply(["Bonjour", " !"]));
     for (model, expected) in [("llama3", "Hello, world"), ("anthropic", "Bonjour !")] {
         for query in [
             format!("model={model}"),
@@ -104,9 +53,10 @@ async fn text_mode_without_streaming_answers_each_prompt_with_one_message() {
 
 #[tokio::test]
 async fn text_mode_with_streaming_sends_each_piece_as_its_own_message() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::reply(&["One", " two", " three"]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["One", " two", " three"]))
+        .spawn()
+        .await;
     for flag in ["1", "true", "yes"] {
         let mut socket = connect(&app, &format!("model=llama3&streaming={flag}")).await;
         socket.send(Message::text("Count")).await.unwrap();
@@ -123,9 +73,10 @@ async fn text_mode_with_streaming_sends_each_piece_as_its_own_message() {
 
 #[tokio::test]
 async fn a_binary_prompt_is_answered_in_binary() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(LLAMA_ID, Scenario::reply(&["héllo", " wörld"]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["héllo", " wörld"]))
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3&streaming=1").await;
     socket
         .send(Message::binary("Grüß dich".as_bytes().to_vec()))
@@ -147,15 +98,17 @@ async fn a_binary_prompt_is_answered_in_binary() {
 
 #[tokio::test]
 async fn text_mode_reports_a_failure_as_an_error_message_and_stays_open() {
-    let app = spawn_app().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::HttpError {
-            status: 429,
-            error_type: "ThrottlingException".into(),
-            message: "Too many requests".into(),
-        },
-    );
+    let app = TestApp::new()
+        .scenario(
+            LLAMA_ID,
+            Scenario::HttpError {
+                status: 429,
+                error_type: "ThrottlingException".into(),
+                message: "Too many requests".into(),
+            },
+        )
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3&streaming=1").await;
     socket.send(Message::text("hi")).await.unwrap();
     let error = next_text(&mut socket).await;
@@ -180,16 +133,17 @@ async fn text_mode_reports_a_failure_as_an_error_message_and_stays_open() {
         "{error}"
     );
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["fine"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["fine"]));
     socket.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_text(&mut socket).await, "fine");
 }
 
 #[tokio::test]
 async fn json_mode_streams_chunk_frames_then_done() {
-    let app = spawn_app().await;
-    app.emulator
-        .script(CLAUDE_ID, Scenario::reply(&["Hi", " there"]));
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::reply(["Hi", " there"]))
+        .spawn()
+        .await;
     let mut socket = connect_json(&app, "anthropic").await;
     socket
         .send(Message::text(
@@ -217,8 +171,10 @@ async fn json_mode_streams_chunk_frames_then_done() {
 
 #[tokio::test]
 async fn json_mode_by_query_parameter_and_errors_as_frames() {
-    let app = spawn_app().await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["ok"]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["ok"]))
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3&format=json").await;
     socket
         .send(Message::text(r#"{"prompt": "hi", "temperature": 3}"#))
@@ -260,7 +216,7 @@ async fn json_mode_by_query_parameter_and_errors_as_frames() {
     let error = next_json(&mut socket).await;
     assert_eq!(error["error"]["code"], "throttled");
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["ok"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["ok"]));
     socket
         .send(Message::text(r#"{"prompt": "hi"}"#))
         .await
@@ -273,8 +229,10 @@ async fn json_mode_by_query_parameter_and_errors_as_frames() {
 
 #[tokio::test]
 async fn json_mode_cancel_stops_the_generation_and_closes_the_upstream_stream() {
-    let app = spawn_app().await;
-    app.emulator.script(LLAMA_ID, slow_reply(200));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, slow_reply(200))
+        .spawn()
+        .await;
     let mut socket = connect_json(&app, "llama3").await;
     socket
         .send(Message::text(r#"{"prompt": "count"}"#))
@@ -295,7 +253,7 @@ async fn json_mode_cancel_stops_the_generation_and_closes_the_upstream_stream() 
     }
     app.assert_upstream_closed_within_a_second().await;
 
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["next"]));
+    app.emulator.script(LLAMA_ID, Scenario::reply(["next"]));
     socket
         .send(Message::text(r#"{"prompt": "again"}"#))
         .await
@@ -308,8 +266,10 @@ async fn json_mode_cancel_stops_the_generation_and_closes_the_upstream_stream() 
 
 #[tokio::test]
 async fn closing_the_socket_mid_stream_closes_the_upstream_stream_within_a_second() {
-    let app = spawn_app().await;
-    app.emulator.script(LLAMA_ID, slow_reply(200));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, slow_reply(200))
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3&streaming=1").await;
     socket.send(Message::text("count")).await.unwrap();
     next_text(&mut socket).await;
@@ -320,8 +280,10 @@ async fn closing_the_socket_mid_stream_closes_the_upstream_stream_within_a_secon
 
 #[tokio::test]
 async fn prompts_sent_ahead_are_answered_in_order() {
-    let app = spawn_app().await;
-    app.emulator.script(LLAMA_ID, Scenario::reply(&["answer"]));
+    let app = TestApp::new()
+        .scenario(LLAMA_ID, Scenario::reply(["answer"]))
+        .spawn()
+        .await;
     let mut socket = connect(&app, "model=llama3").await;
     for prompt in ["first", "second", "third"] {
         socket.send(Message::text(prompt)).await.unwrap();
@@ -342,7 +304,7 @@ async fn prompts_sent_ahead_are_answered_in_order() {
 
 #[tokio::test]
 async fn an_unknown_model_is_refused_at_the_handshake_with_404() {
-    let app = spawn_app().await;
+    let app = TestApp::new().spawn().await;
     let err = connect_async(app.ws_url("model=nope")).await.unwrap_err();
     match err {
         tokio_tungstenite::tungstenite::Error::Http(response) => {
@@ -356,7 +318,10 @@ async fn an_unknown_model_is_refused_at_the_handshake_with_404() {
 
 #[tokio::test]
 async fn a_foreign_origin_is_refused_at_the_handshake_and_a_listed_one_accepted() {
-    let app = spawn_app_with_settings("allowed_origins = [\"https://chat.example.com\"]").await;
+    let app = TestApp::new()
+        .settings("allowed_origins = [\"https://chat.example.com\"]")
+        .spawn()
+        .await;
     let with_origin = |origin: &'static str| {
         let mut request = app.ws_url("model=llama3").into_client_request().unwrap();
         request

@@ -13,7 +13,9 @@ use std::{sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use poem::{
-    Request, Response, handler,
+    EndpointExt, Request, Response,
+    endpoint::BoxEndpoint,
+    get, handler,
     http::{self, HeaderValue, StatusCode, header},
     web::{Data, Query},
 };
@@ -81,8 +83,13 @@ enum Format {
     Json,
 }
 
+/// `GET /ws/model`, as the route table mounts it.
+pub fn endpoint() -> BoxEndpoint<'static> {
+    get(ws_model).boxed()
+}
+
 #[handler]
-pub async fn ws_model(
+async fn ws_model(
     request: &Request,
     params: poem::Result<Query<WsParams>>,
     Data(state): Data<&Arc<AppState>>,
@@ -101,10 +108,11 @@ pub async fn ws_model(
             "the `model` query parameter is required, e.g. /ws/model?model=llama3".into(),
         )
     })?;
-    gateway.registry.get(&model)?;
+    let known = gateway.registry.get(&model);
     if let Some(note) = RequestNote::of(request) {
-        note.model(&model);
+        note.model(&model, known.is_ok());
     }
+    known?;
     let json_offered = request
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -325,7 +333,7 @@ impl Session {
                 message = socket.next() => {
                     if let Heard::Cancel = self.heard(message, framing, socket, queue).await? {
                         chunks.cancel();
-                        return self.send(socket, StreamEvent::cancelled(), framing).await;
+                        return self.send(socket, StreamEvent::from(&Error::Cancelled), framing).await;
                     }
                     continue;
                 }

@@ -42,21 +42,21 @@ impl Queue {
     /// Queues `incoming`, a message of `bytes` bytes, or says which limit refuses it.
     pub fn push(&mut self, incoming: Incoming, bytes: usize) -> Result<(), Error> {
         if self.waiting.len() >= MAX_QUEUED {
-            return Err(Error::RateLimited(
-                format!(
+            return Err(Error::RateLimited {
+                message: format!(
                     "more than {MAX_QUEUED} prompts are waiting on this connection; wait for the answers"
                 ),
-                1,
-            ));
+                retry_after_secs: 1,
+            });
         }
         let budget = self.settings.max_queued_bytes;
         if self.bytes + bytes > budget {
-            return Err(Error::RateLimited(
-                format!(
+            return Err(Error::RateLimited {
+                message: format!(
                     "the prompts waiting on this connection would take more than {budget} bytes (ws_max_queued_bytes); wait for the answers"
                 ),
-                1,
-            ));
+                retry_after_secs: 1,
+            });
         }
         let total = self.settings.max_queued_bytes_total;
         let held = Held::reserve(bytes, total).ok_or_else(|| {
