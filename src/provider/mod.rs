@@ -70,11 +70,6 @@ pub trait Provider: Send + Sync {
     /// errors after that are the stream's last item.
     async fn stream(&self, request: ValidRequest) -> Result<ChunkStream>;
 
-    /// The whole answer. Providers with a cheaper non-streaming call override this.
-    async fn complete(&self, request: ValidRequest) -> Result<Completion> {
-        collect(self.stream(request).await?).await
-    }
-
     /// The special tokens of the prompt this provider renders around user text, if it renders
     /// one. An error when they are not known yet (a local model still loading).
     fn special_tokens(&self) -> Result<Option<Arc<SpecialTokens>>> {

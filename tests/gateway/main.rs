@@ -8,9 +8,9 @@ mod emulator;
 mod emulator_selftest;
 mod faults;
 mod hostile_connections;
+mod hostile_http;
 mod hostile_prompts;
 mod hostile_ws;
-mod hostile_http;
 mod invoke;
 mod limits;
 #[cfg(feature = "local")]

@@ -1,5 +1,5 @@
-//! AWS Bedrock through the official SDK: InvokeModel for whole answers,
-//! InvokeModelWithResponseStream for streams, in each model family's native body format.
+//! AWS Bedrock through the official SDK: InvokeModelWithResponseStream (every transport,
+//! `/invoke` included, is a stream), in each model family's native body format.
 
 mod anthropic;
 mod llama3;
@@ -25,7 +25,7 @@ use aws_smithy_types::event_stream::RawMessage;
 use futures_util::StreamExt;
 use serde::{Deserialize, de::DeserializeOwned};
 
-use super::{Chunk, ChunkStream, Completion, Provider, Usage, special_tokens::SpecialTokens};
+use super::{Chunk, ChunkStream, Provider, Usage, special_tokens::SpecialTokens};
 use crate::{
     config::{BedrockSpec, UpstreamSettings},
     error::{Error, Result},
@@ -83,13 +83,6 @@ impl Format {
         match self {
             Format::Llama3 => llama3::request_body(request),
             Format::Anthropic => anthropic::request_body(request),
-        }
-    }
-
-    fn parse_completion(self, body: &[u8], request: &ValidRequest) -> Result<Completion> {
-        match self {
-            Format::Llama3 => llama3::parse_completion(body, request),
-            Format::Anthropic => anthropic::parse_completion(body),
         }
     }
 
@@ -245,22 +238,6 @@ impl Provider for BedrockProvider {
         })
     }
 
-    async fn complete(&self, request: ValidRequest) -> Result<Completion> {
-        let output = self
-            .client
-            .invoke_model()
-            .model_id(&self.spec.model_id)
-            .content_type("application/json")
-            .accept("application/json")
-            .body(Blob::new(self.spec.format.request_body(&request)))
-            .send()
-            .await
-            .map_err(|err| request_error(err, &self.name))?;
-        self.spec
-            .format
-            .parse_completion(output.body.as_ref(), &request)
-    }
-
     async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
         let output = self
             .client
@@ -313,7 +290,7 @@ impl Provider for BedrockProvider {
     }
 }
 
-/// Maps a failed InvokeModel / InvokeModelWithResponseStream call (before any answer).
+/// Maps a failed InvokeModelWithResponseStream call (before any answer).
 fn request_error<E>(err: SdkError<E, HttpResponse>, model: &str) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
