@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::parse_json;
+use super::format::parse_json;
 use crate::{
     error::Result,
     provider::{Chunk, Finish, StopReason, Usage},

@@ -4,7 +4,7 @@ use std::sync::{Arc, LazyLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::{InvocationMetrics, parse_json};
+use super::format::{InvocationMetrics, parse_json};
 use crate::{
     error::Result,
     provider::{
