@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use modelgate::{
     config::Config,
-    provider::Chunk,
-    registry::{ModelState, Registry},
+    provider::{Chunk, ModelState},
+    registry::Registry,
     request::GenerateRequest,
 };
 

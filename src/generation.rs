@@ -23,9 +23,8 @@ use tracing::Instrument;
 
 use crate::{
     auth::Caller,
-    config::UpstreamSettings,
     error::{Error, Result},
-    provider::{Chunk, ChunkStream, Finish},
+    provider::{Chunk, ChunkStream, Finish, UpstreamSettings},
     telemetry,
 };
 

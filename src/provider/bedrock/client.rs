@@ -11,7 +11,8 @@ use aws_sdk_bedrockruntime::{
     config::{StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig},
 };
 
-use crate::config::{BedrockSpec, UpstreamSettings};
+use super::BedrockSpec;
+use crate::provider::UpstreamSettings;
 
 /// The region used when neither the model entry, `AWS_REGION` nor the AWS profile names one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -78,13 +79,5 @@ impl ClientPool {
                 Client::from_conf(config.build())
             })
             .clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.clients.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.clients.is_empty()
     }
 }

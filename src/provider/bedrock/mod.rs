@@ -3,6 +3,7 @@
 
 mod anthropic;
 mod client;
+mod config;
 mod error;
 mod format;
 mod llama3;
@@ -14,10 +15,13 @@ use aws_sdk_bedrockruntime::{Client, primitives::Blob, types::ResponseStream};
 use futures_util::StreamExt;
 
 use self::error::{request_error, stream_error};
-pub use self::{client::ClientPool, format::Format};
+pub use self::{
+    client::ClientPool,
+    config::{BedrockConfig, BedrockSpec},
+    format::Format,
+};
 use super::{Chunk, ChunkStream, Provider, special_tokens::SpecialTokens};
 use crate::{
-    config::BedrockSpec,
     error::{Error, Result},
     request::ValidRequest,
     telemetry,
