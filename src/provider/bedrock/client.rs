@@ -1,11 +1,16 @@
 //! The SDK clients: one per distinct connection setting, built at start-up and shared.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use aws_config::{
     BehaviorVersion, Region, SdkConfig, environment::EnvironmentVariableRegionProvider,
     meta::region::RegionProviderChain, profile::ProfileFileRegionProvider,
 };
+use aws_credential_types::provider::ProvideCredentials;
 use aws_sdk_bedrockruntime::{
     Client,
     config::{StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig},
@@ -22,6 +27,21 @@ const FALLBACK_REGION: &str = "us-east-1";
 pub struct ClientPool {
     base: SdkConfig,
     clients: HashMap<ClientKey, Client>,
+    credentials: Credentials,
+}
+
+/// What the AWS credential chain answered when asked once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// Why the chain found none; unset while it has not answered, or when it found some.
+    missing: Arc<OnceLock<String>>,
+}
+
+impl Credentials {
+    /// Why the gateway has no AWS credentials, if the chain found none.
+    pub fn missing(&self) -> Option<&str> {
+        self.missing.get().map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -33,8 +53,10 @@ struct ClientKey {
 }
 
 impl ClientPool {
-    /// Loads the shared AWS configuration. Credentials are resolved lazily, on the first
-    /// request that needs them, so the gateway starts without any AWS account.
+    /// Loads the shared AWS configuration. The gateway starts without any AWS account: the
+    /// credential chain is asked in the background (it may try the EC2 metadata service),
+    /// so that `GET /models` can say when there are none; requests resolve credentials
+    /// themselves, on the first call that needs them.
     pub async fn load() -> Self {
         // The region comes from the environment or the profile, never from the EC2 metadata
         // service, so that start-up never waits on the network.
@@ -45,9 +67,20 @@ impl ClientPool {
             .region(region)
             .load()
             .await;
+        let credentials = Credentials::default();
+        if let Some(chain) = base.credentials_provider() {
+            let missing = credentials.missing.clone();
+            tokio::spawn(async move {
+                if let Err(err) = chain.provide_credentials().await {
+                    // Set once, here only.
+                    let _ = missing.set(err.to_string());
+                }
+            });
+        }
         Self {
             base,
             clients: HashMap::new(),
+            credentials,
         }
     }
 
@@ -79,5 +112,9 @@ impl ClientPool {
                 Client::from_conf(config.build())
             })
             .clone()
+    }
+
+    pub fn credentials(&self) -> Credentials {
+        self.credentials.clone()
     }
 }

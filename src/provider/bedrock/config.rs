@@ -93,7 +93,12 @@ impl ProviderSpec for BedrockSpec {
         upstream: &UpstreamSettings,
         shared: &mut Shared,
     ) -> Arc<dyn Provider> {
-        let client = shared.bedrock_clients.client(self, upstream);
-        Arc::new(BedrockProvider::new(name.to_owned(), self.clone(), client))
+        let clients = &mut shared.bedrock_clients;
+        Arc::new(BedrockProvider::new(
+            name.to_owned(),
+            self.clone(),
+            clients.client(self, upstream),
+            clients.credentials(),
+        ))
     }
 }

@@ -81,11 +81,7 @@ where
     if let Some(credentials) =
         find_source::<aws_credential_types::provider::error::CredentialsError>(err)
     {
-        return Error::UpstreamUnavailable(format!(
-            "the gateway has no usable AWS credentials for model `{model}` ({credentials}); \
-             provide them through the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
-             AWS_PROFILE, SSO or an instance role)"
-        ));
+        return Error::UpstreamUnavailable(no_credentials(model, credentials));
     }
     match err {
         SdkError::TimeoutError(_) => Error::UpstreamTimeout(format!(
@@ -105,6 +101,15 @@ where
             error_chain(err)
         )),
     }
+}
+
+/// What a request (503) and `GET /models` say when the credential chain found nothing.
+pub fn no_credentials(model: &str, cause: impl std::fmt::Display) -> String {
+    format!(
+        "the gateway has no usable AWS credentials for model `{model}` ({cause}); \
+         provide them through the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+         AWS_PROFILE, SSO or an instance role)"
+    )
 }
 
 /// "outer: inner: root cause", without the SDK's debug dump.

@@ -14,13 +14,18 @@ use async_trait::async_trait;
 use aws_sdk_bedrockruntime::{Client, primitives::Blob, types::ResponseStream};
 use futures_util::StreamExt;
 
-use self::error::{request_error, stream_error};
 pub use self::{
     client::ClientPool,
     config::{BedrockConfig, BedrockSpec},
     format::Format,
 };
-use super::{Chunk, ChunkStream, Provider, special_tokens::SpecialTokens};
+use self::{
+    client::Credentials,
+    error::{no_credentials, request_error, stream_error},
+};
+use super::{
+    Availability, Chunk, ChunkStream, ModelState, Provider, special_tokens::SpecialTokens,
+};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
@@ -33,11 +38,17 @@ pub struct BedrockProvider {
     name: String,
     spec: BedrockSpec,
     client: Client,
+    credentials: Credentials,
 }
 
 impl BedrockProvider {
-    pub fn new(name: String, spec: BedrockSpec, client: Client) -> Self {
-        Self { name, spec, client }
+    pub fn new(name: String, spec: BedrockSpec, client: Client, credentials: Credentials) -> Self {
+        Self {
+            name,
+            spec,
+            client,
+            credentials,
+        }
     }
 }
 
@@ -49,6 +60,18 @@ impl Provider for BedrockProvider {
             Format::Llama3 => Some(llama3::special_tokens()),
             Format::Anthropic => None,
         })
+    }
+
+    /// Unavailable when the credential chain found nothing at start-up (requests would get
+    /// the same 503).
+    fn availability(&self) -> Availability {
+        match self.credentials.missing() {
+            Some(cause) => Availability {
+                state: ModelState::Unavailable,
+                reason: Some(no_credentials(&self.name, cause)),
+            },
+            None => Availability::READY,
+        }
     }
 
     async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
