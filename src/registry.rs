@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use crate::{
     config::{Config, ModelSpec},
     error::{Error, Result},
-    provider::{ChunkStream, ModelState, Provider, Shared},
+    provider::{ChunkStream, ModelState, Provider, Shared, UsageMeter},
     request::{GenerateRequest, ValidRequest},
 };
 
@@ -73,14 +73,10 @@ impl Registry {
 
     /// Looks the model up and validates the request against its limits and, where the
     /// gateway renders the model's prompt, its special tokens.
-    pub fn prepare(
-        &self,
-        request: GenerateRequest,
-        caller: &str,
-    ) -> Result<(Arc<Model>, ValidRequest)> {
+    pub fn prepare(&self, request: GenerateRequest) -> Result<(Arc<Model>, ValidRequest)> {
         let model = self.get(&request.model)?.clone();
         let special_tokens = model.provider.special_tokens()?;
-        let valid = request.validate(&model.spec.limits, caller, special_tokens.as_deref())?;
+        let valid = request.validate(&model.spec.limits, special_tokens.as_deref())?;
         Ok((model, valid))
     }
 
@@ -102,8 +98,8 @@ impl Model {
         }
     }
 
-    pub async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
-        self.provider.stream(request).await
+    pub async fn stream(&self, request: ValidRequest, usage: UsageMeter) -> Result<ChunkStream> {
+        self.provider.stream(request, usage).await
     }
 }
 

@@ -9,7 +9,14 @@ pub mod local;
 pub mod local;
 pub mod special_tokens;
 
-use std::{collections::HashMap, fmt, ops::Range, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    ops::Range,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use aho_corasick::{
     Anchored, MatchKind,
@@ -195,6 +202,21 @@ pub struct Usage {
     pub output_tokens: u32,
 }
 
+/// The tokens an answer has used so far, as its provider reports them when the answer
+/// fails midway (a finished answer carries its [`Finish`]).
+#[derive(Debug, Clone, Default)]
+pub struct UsageMeter(Arc<Mutex<Usage>>);
+
+impl UsageMeter {
+    pub fn report(&self, usage: Usage) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = usage;
+    }
+
+    pub fn get(&self) -> Usage {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A whole answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -206,7 +228,9 @@ pub struct Completion {
 pub trait Provider: Send + Sync {
     /// Starts a generation. Errors that happen before the answer begins are returned here;
     /// errors after that are the stream's last item.
-    async fn stream(&self, request: ValidRequest) -> Result<ChunkStream>;
+    /// An answer that fails midway reports the tokens it used so far to `usage`; the
+    /// gateway does the accounting.
+    async fn stream(&self, request: ValidRequest, usage: UsageMeter) -> Result<ChunkStream>;
 
     /// The special tokens of the prompt this provider renders around user text, if it renders
     /// one. An error when they are not known yet (a local model still loading).

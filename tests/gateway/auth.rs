@@ -12,7 +12,8 @@ use tokio_tungstenite::{
 };
 
 use crate::app::{
-    App, LLAMA_ID, SECRET_KEY, expect_error, gateway_command, registry, spawn_app_env,
+    App, LLAMA_ID, SECRET_KEY, all_sse_events, expect_error, gateway_command, registry,
+    spawn_app_env,
 };
 use crate::emulator::Scenario;
 
@@ -187,6 +188,29 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
     app.emulator.script(LLAMA_ID, Scenario::reply(&["t"; 40]));
     let bearer = format!("Bearer {KEY}");
     assert_eq!(invoke_with(&app, Some(&bearer)).await.status(), 200);
+    expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;
+}
+
+#[tokio::test]
+async fn the_tokens_of_an_answer_that_fails_midway_count_against_the_key() {
+    let app = spawn_with_keys("tokens_per_minute = 30").await;
+    // 7 input + 40 output tokens before the failure: more than the key's 30 per minute.
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::ExceptionAfter {
+            pieces: vec!["t".into(); 40],
+            exception_type: "modelStreamErrorException".into(),
+            message: "broke".into(),
+        },
+    );
+    let events = all_sse_events(
+        app.get(&format!("/stream?model=llama3&prompt=hi&api_key={KEY}"))
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "error");
+    app.emulator.script(LLAMA_ID, Scenario::reply(&["t"]));
+    let bearer = format!("Bearer {KEY}");
     expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;
 }
 

@@ -157,7 +157,6 @@ mod tests {
     #[test]
     fn the_body_is_a_messages_api_request_for_bedrock() {
         let request = ValidRequest {
-            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![ChatMessage {
                 role: Role::User,

@@ -171,7 +171,6 @@ mod tests {
 
     fn request(stop: &[&str]) -> ValidRequest {
         ValidRequest {
-            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![
                 ChatMessage {

@@ -24,12 +24,12 @@ use self::{
     error::{no_credentials, request_error, stream_error},
 };
 use super::{
-    Availability, Chunk, ChunkStream, ModelState, Provider, special_tokens::SpecialTokens,
+    Availability, Chunk, ChunkStream, ModelState, Provider, UsageMeter,
+    special_tokens::SpecialTokens,
 };
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
-    telemetry,
 };
 
 /// One Bedrock model.
@@ -74,7 +74,7 @@ impl Provider for BedrockProvider {
         }
     }
 
-    async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
+    async fn stream(&self, request: ValidRequest, spent: UsageMeter) -> Result<ChunkStream> {
         let output = self
             .client
             .invoke_model_with_response_stream()
@@ -112,14 +112,14 @@ impl Provider for BedrockProvider {
                     }
                 }
             };
-            // The part that was generated is still paid for: count what the model reported.
+            // The part that was generated is still paid for: report what the model counted.
             let usage = decoder.usage();
             tracing::warn!(
                 input_tokens = usage.input_tokens,
                 output_tokens = usage.output_tokens,
                 "the answer of model `{name}` failed midway; usage so far"
             );
-            telemetry::count_tokens(&name, &request.caller, usage);
+            spent.report(usage);
             Err(failure)?;
         }
         .boxed())

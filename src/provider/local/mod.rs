@@ -25,7 +25,9 @@ use self::{
     generate::{Job, Sampling},
     pool::Pool,
 };
-use super::{Availability, ChunkStream, ModelState, Provider, special_tokens::SpecialTokens};
+use super::{
+    Availability, ChunkStream, ModelState, Provider, UsageMeter, special_tokens::SpecialTokens,
+};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
@@ -142,7 +144,7 @@ impl LocalProvider {
 
 #[async_trait]
 impl Provider for LocalProvider {
-    async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
+    async fn stream(&self, request: ValidRequest, _usage: UsageMeter) -> Result<ChunkStream> {
         let (chunks, receiver) = tokio::sync::mpsc::unbounded_channel();
         self.when_ready(|pool, _| pool.submit(Job { request, chunks }))?;
         Ok(UnboundedReceiverStream::new(receiver).boxed())
