@@ -23,10 +23,9 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use crate::{
-    provider::{
-        ProviderConfig, ProviderSpec, UpstreamSettings, special_tokens::SpecialTokenPolicy,
-    },
+    provider::{ProviderConfig, ProviderSpec, UpstreamSettings},
     request::Limits,
+    special_tokens::SpecialTokenPolicy,
 };
 
 /// The configuration bundled into the binary, used when no file is named and there is no

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::{
     error::{Error, Result},
-    provider::special_tokens::{SpecialTokenPolicy, SpecialTokens},
+    special_tokens::{SpecialTokenPolicy, SpecialTokens},
 };
 
 /// Most stop sequences one request may give.

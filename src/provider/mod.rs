@@ -7,7 +7,6 @@ pub mod local;
 #[cfg(not(feature = "local"))]
 #[path = "local_missing.rs"]
 pub mod local;
-pub mod special_tokens;
 
 use std::{
     collections::HashMap,
@@ -31,8 +30,8 @@ use serde::Deserialize;
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
-use special_tokens::SpecialTokens;
 
 /// A model entry's own fields, chosen by its `provider = "…"`: one arm per provider, each
 /// a struct with `deny_unknown_fields` in the provider's module. The configuration hands

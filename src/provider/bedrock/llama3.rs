@@ -7,10 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::format::{InvocationMetrics, parse_json};
 use crate::{
     error::Result,
-    provider::{
-        Chunk, Finish, StopMatcher, StopReason, StopScan, Usage, special_tokens::SpecialTokens,
-    },
+    provider::{Chunk, Finish, StopMatcher, StopReason, StopScan, Usage},
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
 
 /// Llama's native body has no stop sequences: the gateway applies them (see [`StopMatcher`]).

@@ -23,13 +23,11 @@ use self::{
     client::Credentials,
     error::{no_credentials, request_error, stream_error},
 };
-use super::{
-    Availability, Chunk, ChunkStream, ModelState, Provider, UsageMeter,
-    special_tokens::SpecialTokens,
-};
+use super::{Availability, Chunk, ChunkStream, ModelState, Provider, UsageMeter};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
 
 /// One Bedrock model.

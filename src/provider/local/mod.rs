@@ -25,12 +25,11 @@ use self::{
     generate::{Job, Sampling},
     pool::Pool,
 };
-use super::{
-    Availability, ChunkStream, ModelState, Provider, UsageMeter, special_tokens::SpecialTokens,
-};
+use super::{Availability, ChunkStream, ModelState, Provider, UsageMeter};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
 
 pub struct LocalProvider {
