@@ -710,7 +710,12 @@ mod tests {
                 .starts_with("`package`: unknown field `package`, expected one of `model_id`"),
             "{err}"
         );
-        assert!(err.message.contains("`max_tokens`"), "{err}");
+        assert!(
+            err.message.ends_with(
+                "`endpoint_url` for provider \"bedrock\", or one of `name`, `provider`, `max_tokens`, `max_tokens_limit`, `temperature`, `special_tokens`, `upstream`"
+            ),
+            "{err}"
+        );
         let err = error_of(
             "[[models]]\nname = \"a\"\nprovider = \"local\"\npath = \"/m.gguf\"\nregion = \"x\"\n",
         );

@@ -268,7 +268,8 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for ProviderFields<'_, '_, A> {
                     return seed.deserialize(name).map(Some).map_err(|err| {
                         self.key_span.set(Some(span));
                         A::Error::custom(format!(
-                            "{err} for provider \"{}\", or one of {MODEL_FIELDS}",
+                            "{} for provider \"{}\", or one of {MODEL_FIELDS}",
+                            err.to_string().trim_end(),
                             self.tag
                         ))
                     });
