@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use modelgate::{
     config::Config,
-    provider::Chunk,
-    registry::{ModelState, Registry},
+    provider::{Chunk, ModelState, UsageMeter},
+    registry::Registry,
     request::GenerateRequest,
 };
 
@@ -53,14 +53,14 @@ async fn main() {
                 temperature: Some(0.0),
                 ..GenerateRequest::prompt(&model, prompt)
             };
-            registry
-                .prepare(request, "bench")
-                .expect("a valid request")
-                .1
+            registry.prepare(request).expect("a valid request").1
         };
         let asked = Instant::now();
         let mut stream = entry
-            .stream(request("What is the capital of France?", 1))
+            .stream(
+                request("What is the capital of France?", 1),
+                UsageMeter::default(),
+            )
             .await
             .expect("the model answers");
         stream
@@ -72,10 +72,10 @@ async fn main() {
         while stream.next().await.is_some() {}
 
         let mut stream = entry
-            .stream(request(
-                "Write a long story about a robot who learns to paint.",
-                200,
-            ))
+            .stream(
+                request("Write a long story about a robot who learns to paint.", 200),
+                UsageMeter::default(),
+            )
             .await
             .expect("the model answers");
         let first = Instant::now();

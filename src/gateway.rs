@@ -16,6 +16,7 @@ use crate::{
     config::{Config, ServerSettings},
     error::{Error, Result},
     generation::{Generation, Pump, Transport},
+    provider::UsageMeter,
     registry::{Model, Registry},
     request::GenerateRequest,
     telemetry,
@@ -74,12 +75,13 @@ impl Gateway {
         transport: Transport,
         client_gone: &CancellationToken,
     ) -> Result<Generation> {
-        let (model, request) = self.registry.prepare(request, caller.id())?;
+        let (model, request) = self.registry.prepare(request)?;
         let permits = self.admit(&model, caller)?;
         let started = Instant::now();
         let settings = model.spec.upstream;
+        let usage = UsageMeter::default();
         let first = async {
-            let mut upstream = model.stream(request).await?;
+            let mut upstream = model.stream(request, usage.clone()).await?;
             match upstream.next().await {
                 Some(Ok(first)) => Ok((first, upstream)),
                 Some(Err(err)) => Err(err),
@@ -113,6 +115,7 @@ impl Gateway {
             shutdown_deadline: self.shutdown.deadline.clone(),
             client_gone: client_gone.clone(),
             permits,
+            usage,
             in_flight: self.shutdown.work.token(),
             started,
         };

@@ -23,9 +23,8 @@ use tracing::Instrument;
 
 use crate::{
     auth::Caller,
-    config::UpstreamSettings,
     error::{Error, Result},
-    provider::{Chunk, ChunkStream, Finish},
+    provider::{Chunk, ChunkStream, Finish, UpstreamSettings, Usage, UsageMeter},
     telemetry::{self, CancelReason},
 };
 
@@ -75,6 +74,8 @@ pub struct Pump {
     pub client_gone: CancellationToken,
     /// Upstream slots (global, per model, per key) held for the stream's whole life.
     pub permits: Vec<OwnedSemaphorePermit>,
+    /// What the provider reports of the tokens used by an answer that fails midway.
+    pub usage: UsageMeter,
     /// Keeps a graceful shutdown waiting for this answer.
     pub in_flight: TaskTrackerToken,
     pub started: Instant,
@@ -187,9 +188,7 @@ impl Pump {
         let elapsed = self.started.elapsed();
         match ended {
             Ended::Finished(finish) => {
-                telemetry::count_tokens(&model, self.caller.id(), finish.usage);
-                self.caller
-                    .spend_tokens(finish.usage.input_tokens + finish.usage.output_tokens);
+                self.spend(finish.usage);
                 tracing::info!(
                     stop_reason = ?finish.stop_reason,
                     input_tokens = finish.usage.input_tokens,
@@ -199,6 +198,8 @@ impl Pump {
                 );
             }
             Ended::Failed(err) => {
+                // The part that was generated is still paid for.
+                self.spend(self.usage.get());
                 telemetry::count_failure(&model, &err);
                 tracing::warn!(code = err.code(), "generation failed mid-stream: {err}");
             }
@@ -206,6 +207,15 @@ impl Pump {
         }
         metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model)
             .record(elapsed.as_secs_f64());
+    }
+}
+
+impl Pump {
+    /// Counts `usage` in the token metric and the caller's budget.
+    fn spend(&self, usage: Usage) {
+        telemetry::count_tokens(&self.model, self.caller.id(), usage);
+        self.caller
+            .spend_tokens(usage.input_tokens + usage.output_tokens);
     }
 }
 

@@ -13,4 +13,5 @@ pub mod provider;
 pub mod registry;
 pub mod request;
 pub mod server;
+pub mod special_tokens;
 pub mod telemetry;

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     };
     #[cfg(feature = "local")]
     if let Some(Command::Pull { model }) = &cli.command {
-        return match modelgate::provider::local::pull(&config, model.as_deref()) {
+        return match modelgate::registry::pull(&config, model.as_deref()) {
             Ok(pulled) => {
                 for (name, path) in pulled {
                     println!("{name}: {}", path.display());

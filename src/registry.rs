@@ -1,19 +1,14 @@
 //! The one model registry shared by every transport: model name → provider.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use poem_openapi::{Enum, Object};
+use poem_openapi::Object;
 use tokio::sync::Semaphore;
 
-#[cfg(feature = "local")]
-use crate::provider::local::LocalProvider;
 use crate::{
-    config::{Config, ModelSpec, ProviderSpec},
+    config::{Config, ModelSpec},
     error::{Error, Result},
-    provider::{
-        ChunkStream, Provider,
-        bedrock::{BedrockProvider, ClientPool},
-    },
+    provider::{ChunkStream, ModelState, Provider, Shared, UsageMeter},
     request::{GenerateRequest, ValidRequest},
 };
 
@@ -24,7 +19,7 @@ pub struct Registry {
 
 pub struct Model {
     pub spec: ModelSpec,
-    provider: Box<dyn Provider>,
+    provider: Arc<dyn Provider>,
     /// Upstream calls in flight to this model (`upstream.max_concurrent`).
     pub slots: Arc<Semaphore>,
 }
@@ -40,47 +35,27 @@ pub struct ModelInfo {
     /// Native body format: `llama3` or `anthropic`; `gguf` for a local model.
     pub format: String,
     pub state: ModelState,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
-pub enum ModelState {
-    /// Requests are served.
-    Ready,
-    /// A local model's weights are being fetched or loaded: requests get 503 `model_loading`.
-    Loading,
-    /// A local model could not be fetched or loaded (the log and each request's 503 say why).
-    Failed,
+    /// Why the model is `failed` or `unavailable`: what its requests' 503 says.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
 }
 
 impl Registry {
-    /// Builds every provider; the SDK clients are made here, once.
+    /// Builds every provider; what they share (the SDK clients) is made here, once.
     pub async fn build(config: &Config) -> Registry {
-        let mut clients = ClientPool::load().await;
+        let mut shared = Shared::load().await;
         let mut models = Vec::with_capacity(config.models.len());
         for spec in &config.models {
-            let provider: Box<dyn Provider> = match &spec.provider {
-                ProviderSpec::Bedrock(bedrock) => Box::new(BedrockProvider::new(
-                    spec.name.clone(),
-                    bedrock.clone(),
-                    clients.client(bedrock, &spec.upstream),
-                )),
-                #[cfg(feature = "local")]
-                ProviderSpec::Local(local) => {
-                    Box::new(LocalProvider::start(spec.name.clone(), local.clone()))
-                }
-                #[cfg(not(feature = "local"))]
-                ProviderSpec::Local(_) => {
-                    unreachable!("the configuration refuses local models in builds without them")
-                }
-            };
+            let provider = spec
+                .provider
+                .build(&spec.name, &spec.upstream, &mut shared)
+                .await;
             models.push(Arc::new(Model {
                 spec: spec.clone(),
                 provider,
                 slots: Arc::new(Semaphore::new(spec.upstream.max_concurrent)),
             }));
         }
-        tracing::debug!(clients = clients.len(), "Bedrock clients built");
         let by_name = models
             .iter()
             .enumerate()
@@ -98,14 +73,10 @@ impl Registry {
 
     /// Looks the model up and validates the request against its limits and, where the
     /// gateway renders the model's prompt, its special tokens.
-    pub fn prepare(
-        &self,
-        request: GenerateRequest,
-        caller: &str,
-    ) -> Result<(Arc<Model>, ValidRequest)> {
+    pub fn prepare(&self, request: GenerateRequest) -> Result<(Arc<Model>, ValidRequest)> {
         let model = self.get(&request.model)?.clone();
         let special_tokens = model.provider.special_tokens()?;
-        let valid = request.validate(&model.spec.limits, caller, special_tokens.as_deref())?;
+        let valid = request.validate(&model.spec.limits, special_tokens.as_deref())?;
         Ok((model, valid))
     }
 
@@ -116,22 +87,45 @@ impl Registry {
 
 impl Model {
     pub fn info(&self) -> ModelInfo {
-        let (provider, model_id, format) = match &self.spec.provider {
-            ProviderSpec::Bedrock(bedrock) => {
-                ("bedrock", bedrock.model_id.clone(), bedrock.format.as_str())
-            }
-            ProviderSpec::Local(local) => ("local", local.weights.file_name(), "gguf"),
-        };
+        let availability = self.provider.availability();
         ModelInfo {
             name: self.spec.name.clone(),
-            provider: provider.into(),
-            model_id,
-            format: format.into(),
-            state: self.provider.state(),
+            provider: self.spec.provider.kind().into(),
+            model_id: self.spec.provider.model_id(),
+            format: self.spec.provider.format().into(),
+            state: availability.state,
+            reason: availability.reason,
         }
     }
 
-    pub async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
-        self.provider.stream(request).await
+    pub async fn stream(&self, request: ValidRequest, usage: UsageMeter) -> Result<ChunkStream> {
+        self.provider.stream(request, usage).await
     }
+}
+
+/// `modelgate pull [MODEL]`: fetches the weights of every local model (or of `only`) now,
+/// in the foreground, and returns where they are.
+pub fn pull(config: &Config, only: Option<&str>) -> Result<Vec<(String, PathBuf)>, String> {
+    if let Some(name) = only
+        && !config.models.iter().any(|model| model.name == name)
+    {
+        return Err(format!("no model named `{name}` in {}", config.source));
+    }
+    let mut pulled = Vec::new();
+    for model in &config.models {
+        if only.is_some_and(|name| name != model.name) {
+            continue;
+        }
+        match model.provider.pull(&model.name) {
+            Some(path) => pulled.push((model.name.clone(), path?)),
+            None if only.is_some() => {
+                return Err(format!(
+                    "model `{}` is not a local model: it has no weights to fetch",
+                    model.name
+                ));
+            }
+            None => {}
+        }
+    }
+    Ok(pulled)
 }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::{
     error::{Error, Result},
-    provider::special_tokens::{SpecialTokenPolicy, SpecialTokens},
+    special_tokens::{SpecialTokenPolicy, SpecialTokens},
 };
 
 /// Most stop sequences one request may give.
@@ -92,8 +92,6 @@ pub struct Limits {
 /// parameters in range, defaults applied.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
-    /// The API key id of the caller (`none` on an open gateway), for accounting.
-    pub caller: String,
     pub system: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub max_tokens: u32,
@@ -117,7 +115,6 @@ impl GenerateRequest {
     pub fn validate(
         self,
         limits: &Limits,
-        caller: &str,
         special_tokens: Option<&SpecialTokens>,
     ) -> Result<ValidRequest> {
         let invalid = |message: String| Err(Error::InvalidRequest(message));
@@ -209,7 +206,6 @@ impl GenerateRequest {
             }
         }
         Ok(ValidRequest {
-            caller: caller.to_owned(),
             system,
             messages,
             max_tokens,
@@ -267,16 +263,13 @@ mod tests {
     }
 
     fn error_of(request: GenerateRequest) -> String {
-        request
-            .validate(&LIMITS, "k", None)
-            .unwrap_err()
-            .to_string()
+        request.validate(&LIMITS, None).unwrap_err().to_string()
     }
 
     #[test]
     fn a_prompt_becomes_one_user_message_with_the_model_defaults() {
         let valid = GenerateRequest::prompt("m", "Hi")
-            .validate(&LIMITS, "k", None)
+            .validate(&LIMITS, None)
             .unwrap();
         assert_eq!(valid.messages, vec![message(Role::User, "Hi")]);
         assert_eq!(valid.max_tokens, 512);
@@ -344,12 +337,12 @@ mod tests {
             stop: Some(vec!["é".repeat(256)]),
             ..GenerateRequest::prompt("m", "x")
         };
-        assert!(at_limit.validate(&LIMITS, "k", None).is_ok());
+        assert!(at_limit.validate(&LIMITS, None).is_ok());
         let long = GenerateRequest {
             stop: Some(vec!["\n".into(), "x".repeat(257)]),
             ..GenerateRequest::prompt("m", "x")
         };
-        let err = long.validate(&LIMITS, "k", None).unwrap_err();
+        let err = long.validate(&LIMITS, None).unwrap_err();
         assert_eq!(err.code(), "invalid_request");
         assert_eq!(
             err.to_string(),
@@ -362,7 +355,7 @@ mod tests {
         let tokens = SpecialTokens::new(["<|eot_id|>".to_owned()]).unwrap();
         let forged = |request: GenerateRequest| {
             request
-                .validate(&LIMITS, "k", Some(&tokens))
+                .validate(&LIMITS, Some(&tokens))
                 .unwrap_err()
                 .to_string()
         };
@@ -397,7 +390,7 @@ mod tests {
             system: Some("s<|eot_id|>".into()),
             ..GenerateRequest::prompt("m", "<|eot_id|>p")
         }
-        .validate(&limits, "k", Some(&tokens))
+        .validate(&limits, Some(&tokens))
         .unwrap();
         assert_eq!(valid.system.as_deref(), Some("s<\u{200B}|eot_id|>"));
         assert_eq!(valid.messages[0].content, "<\u{200B}|eot_id|>p");
@@ -406,7 +399,7 @@ mod tests {
     #[test]
     fn long_conversations_and_inputs_are_too_large() {
         let long = GenerateRequest::prompt("m", "x".repeat(101));
-        let err = long.validate(&LIMITS, "k", None).unwrap_err();
+        let err = long.validate(&LIMITS, None).unwrap_err();
         assert_eq!(err.code(), "too_large");
         let turns = [Role::User, Role::Assistant, Role::User, Role::Assistant]
             .map(|role| message(role, "hi"));

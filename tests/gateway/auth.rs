@@ -11,7 +11,7 @@ use tokio_tungstenite::{
 };
 
 use crate::app::{App, LLAMA_ID, SECRET_KEY, TestApp, gateway_command, registry};
-use crate::client::expect_error;
+use crate::client::{all_sse_events, expect_error};
 use crate::emulator::Scenario;
 
 pub const KEY: &str = "mg-team-a-0123456789abcdef";
@@ -165,6 +165,29 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
     app.emulator.script(LLAMA_ID, Scenario::reply(["t"; 40]));
     let bearer = format!("Bearer {KEY}");
     assert_eq!(invoke_with(&app, Some(&bearer)).await.status(), 200);
+    expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;
+}
+
+#[tokio::test]
+async fn the_tokens_of_an_answer_that_fails_midway_count_against_the_key() {
+    let app = with_keys("tokens_per_minute = 30").spawn().await;
+    // 7 input + 40 output tokens before the failure: more than the key's 30 per minute.
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::ExceptionAfter {
+            pieces: vec!["t".into(); 40],
+            exception_type: "modelStreamErrorException".into(),
+            message: "broke".into(),
+        },
+    );
+    let events = all_sse_events(
+        app.get(&format!("/stream?model=llama3&prompt=hi&api_key={KEY}"))
+            .await,
+    )
+    .await;
+    assert_eq!(events.last().unwrap().event, "error");
+    app.emulator.script(LLAMA_ID, Scenario::reply(["t"]));
+    let bearer = format!("Bearer {KEY}");
     expect_error(invoke_with(&app, Some(&bearer)).await, 429, "rate_limited").await;
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::app::{CLAUDE_ID, LLAMA_ID, TestApp, config_file, gateway_command};
+use crate::client::expect_error;
 
 async fn openapi_from_binary() -> String {
     let output = gateway_command(false)
@@ -107,6 +108,43 @@ async fn models_and_health_are_listed() {
         missing.json::<Value>().await.unwrap()["error"]["code"],
         "not_found"
     );
+}
+
+#[tokio::test]
+async fn without_aws_credentials_bedrock_models_are_listed_unavailable_with_the_reason_requests_get()
+ {
+    let app = TestApp::new().without_credentials().spawn().await;
+    let message = expect_error(
+        app.post(
+            "/invoke",
+            &serde_json::json!({"model": "llama3", "prompt": "hi"}),
+        )
+        .await,
+        503,
+        "upstream_unavailable",
+    )
+    .await;
+    // The credential chain is asked once, in the background, at start-up.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let models = loop {
+        let models: Value = app.get("/models").await.json().await.unwrap();
+        if models["models"][0]["state"] != "ready" || tokio::time::Instant::now() > deadline {
+            break models;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(models["models"][0]["state"], "unavailable", "{models}");
+    assert_eq!(models["models"][0]["reason"], message.as_str(), "{models}");
+    assert_eq!(models["models"][1]["state"], "unavailable", "{models}");
+    assert!(
+        models["models"][1]["reason"]
+            .as_str()
+            .is_some_and(
+                |reason| reason.contains("model `anthropic`") && reason.contains("AWS_PROFILE")
+            ),
+        "{models}"
+    );
+    assert!(app.emulator.requests().is_empty());
 }
 
 /// Runs the gateway on `config` and returns its exit status and stderr (it must exit).

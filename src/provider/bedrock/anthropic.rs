@@ -1,11 +1,11 @@
-//! Anthropic Claude 3's native Messages API body, answer and stream events on Bedrock.
+//! Anthropic Claude 3's native Messages API body and stream events on Bedrock.
 
 use serde::{Deserialize, Serialize};
 
-use super::parse_json;
+use super::format::parse_json;
 use crate::{
     error::Result,
-    provider::{Chunk, Completion, Finish, StopReason, Usage},
+    provider::{Chunk, Finish, StopReason, Usage},
     request::{ChatMessage, ValidRequest},
 };
 
@@ -77,27 +77,6 @@ struct AnthropicUsage {
 struct ContentBlock {
     #[serde(default)]
     text: String,
-}
-
-#[derive(Deserialize)]
-struct Answer {
-    content: Vec<ContentBlock>,
-    stop_reason: Option<String>,
-    usage: AnthropicUsage,
-}
-
-pub fn parse_completion(body: &[u8]) -> Result<Completion> {
-    let answer: Answer = parse_json(body)?;
-    Ok(Completion {
-        text: answer.content.into_iter().map(|block| block.text).collect(),
-        finish: Finish {
-            stop_reason: stop_reason(answer.stop_reason.as_deref()),
-            usage: Usage {
-                input_tokens: answer.usage.input_tokens,
-                output_tokens: answer.usage.output_tokens,
-            },
-        },
-    })
 }
 
 #[derive(Deserialize)]
@@ -178,7 +157,6 @@ mod tests {
     #[test]
     fn the_body_is_a_messages_api_request_for_bedrock() {
         let request = ValidRequest {
-            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![ChatMessage {
                 role: Role::User,

@@ -1,17 +1,15 @@
-//! Meta Llama 3's native InvokeModel body, answer and stream events.
+//! Meta Llama 3's native InvokeModel body and stream events.
 
 use std::sync::{Arc, LazyLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::{InvocationMetrics, parse_json};
+use super::format::{InvocationMetrics, parse_json};
 use crate::{
     error::Result,
-    provider::{
-        Chunk, Completion, Finish, StopMatcher, StopReason, StopScan, Usage,
-        special_tokens::SpecialTokens,
-    },
+    provider::{Chunk, Finish, StopMatcher, StopReason, StopScan, Usage},
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
 
 /// Llama's native body has no stop sequences: the gateway applies them (see [`StopMatcher`]).
@@ -94,34 +92,6 @@ fn stop_reason(native: &str) -> StopReason {
 }
 
 #[derive(Deserialize)]
-struct Answer {
-    generation: String,
-    prompt_token_count: u32,
-    generation_token_count: u32,
-    stop_reason: Option<String>,
-}
-
-pub fn parse_completion(body: &[u8], request: &ValidRequest) -> Result<Completion> {
-    let answer: Answer = parse_json(body)?;
-    let usage = Usage {
-        input_tokens: answer.prompt_token_count,
-        output_tokens: answer.generation_token_count,
-    };
-    let mut stop = StopMatcher::new(request.stop.clone());
-    let (text, stop_reason) = match stop.push(&answer.generation) {
-        StopScan::Stop(text) => (text, StopReason::StopSequence),
-        StopScan::Continue(text) => (
-            text + &stop.finish(),
-            stop_reason(answer.stop_reason.as_deref().unwrap_or("stop")),
-        ),
-    };
-    Ok(Completion {
-        text,
-        finish: Finish { stop_reason, usage },
-    })
-}
-
-#[derive(Deserialize)]
 struct StreamEvent {
     #[serde(default)]
     generation: String,
@@ -200,7 +170,6 @@ mod tests {
 
     fn request(stop: &[&str]) -> ValidRequest {
         ValidRequest {
-            caller: "k".into(),
             system: Some("Be brief.".into()),
             messages: vec![
                 ChatMessage {
@@ -267,9 +236,22 @@ mod tests {
 
     #[test]
     fn the_gateway_applies_stop_sequences_llama_cannot() {
-        let answer = br#"{"generation":"Paris.\nUser: next","prompt_token_count":3,"generation_token_count":6,"stop_reason":"stop"}"#;
-        let completion = parse_completion(answer, &request(&["\nUser:"])).unwrap();
-        assert_eq!(completion.text, "Paris.");
-        assert_eq!(completion.finish.stop_reason, StopReason::StopSequence);
+        let mut decoder = StreamDecoder::new(&request(&["\nUser:"]));
+        let first = br#"{"generation":"Paris.\nUs","prompt_token_count":3,"generation_token_count":4,"stop_reason":null}"#;
+        assert_eq!(
+            decoder.decode(first).unwrap(),
+            [Chunk::Text("Paris.".into())]
+        );
+        let second = br#"{"generation":"er: next","prompt_token_count":null,"generation_token_count":6,"stop_reason":null}"#;
+        assert_eq!(
+            decoder.decode(second).unwrap(),
+            [Chunk::Done(Finish {
+                stop_reason: StopReason::StopSequence,
+                usage: Usage {
+                    input_tokens: 3,
+                    output_tokens: 6
+                }
+            })]
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use crate::config::PackageWeights;
+use super::PackageWeights;
 
 /// Environment variable naming the cache directory.
 pub const CACHE_ENV: &str = "MODELGATE_CACHE";

@@ -2,6 +2,7 @@
 //! threads. The weights are fetched (or opened) and loaded in the background at start-up;
 //! until then the model's state is `loading` and its requests get 503 `model_loading`.
 
+mod config;
 pub mod fetch;
 mod generate;
 mod model;
@@ -19,16 +20,16 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+pub use self::config::{LocalConfig, LocalSpec, PackageWeights, Weights};
 use self::{
     generate::{Job, Sampling},
     pool::Pool,
 };
-use super::{ChunkStream, Provider, special_tokens::SpecialTokens};
+use super::{Availability, ChunkStream, ModelState, Provider, UsageMeter};
 use crate::{
-    config::{Config, LocalSpec, ProviderSpec, Weights},
     error::{Error, Result},
-    registry::ModelState,
     request::ValidRequest,
+    special_tokens::SpecialTokens,
 };
 
 pub struct LocalProvider {
@@ -91,43 +92,6 @@ pub fn weights_path(model: &str, weights: &Weights) -> Result<PathBuf, String> {
     }
 }
 
-/// `modelgate pull [MODEL]`: fetches the weights of every local model (or of `only`) now,
-/// in the foreground, and returns where they are.
-pub fn pull(config: &Config, only: Option<&str>) -> Result<Vec<(String, PathBuf)>, String> {
-    if let Some(name) = only
-        && !config.models.iter().any(|model| model.name == name)
-    {
-        return Err(format!("no model named `{name}` in {}", config.source));
-    }
-    let mut pulled = Vec::new();
-    for model in &config.models {
-        if only.is_some_and(|name| name != model.name) {
-            continue;
-        }
-        match &model.provider {
-            ProviderSpec::Local(local) => {
-                let path = weights_path(&model.name, &local.weights)?;
-                if !path.is_file() {
-                    return Err(format!(
-                        "local model `{}`: {} does not exist",
-                        model.name,
-                        path.display()
-                    ));
-                }
-                pulled.push((model.name.clone(), path));
-            }
-            ProviderSpec::Bedrock(_) if only.is_some() => {
-                return Err(format!(
-                    "model `{}` is not a local model: it has no weights to fetch",
-                    model.name
-                ));
-            }
-            ProviderSpec::Bedrock(_) => {}
-        }
-    }
-    Ok(pulled)
-}
-
 fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<SpecialTokens>), String> {
     let path = weights_path(model, &spec.weights)?;
     let started = Instant::now();
@@ -179,7 +143,7 @@ impl LocalProvider {
 
 #[async_trait]
 impl Provider for LocalProvider {
-    async fn stream(&self, request: ValidRequest) -> Result<ChunkStream> {
+    async fn stream(&self, request: ValidRequest, _usage: UsageMeter) -> Result<ChunkStream> {
         let (chunks, receiver) = tokio::sync::mpsc::unbounded_channel();
         self.when_ready(|pool, _| pool.submit(Job { request, chunks }))?;
         Ok(UnboundedReceiverStream::new(receiver).boxed())
@@ -190,11 +154,17 @@ impl Provider for LocalProvider {
         self.when_ready(|_, special_tokens| Ok(Some(special_tokens.clone())))
     }
 
-    fn state(&self) -> ModelState {
+    fn availability(&self) -> Availability {
         match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
-            State::Loading => ModelState::Loading,
-            State::Ready { .. } => ModelState::Ready,
-            State::Failed(_) => ModelState::Failed,
+            State::Loading => Availability {
+                state: ModelState::Loading,
+                reason: None,
+            },
+            State::Ready { .. } => Availability::READY,
+            State::Failed(reason) => Availability {
+                state: ModelState::Failed,
+                reason: Some(reason.clone()),
+            },
         }
     }
 }

@@ -17,7 +17,7 @@ use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use tokenizers::Tokenizer;
 
 use super::{template::ChatTemplate, tokenizer};
-use crate::provider::special_tokens::SpecialTokens;
+use crate::special_tokens::SpecialTokens;
 
 /// Architectures (`general.architecture`) this provider runs.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];

@@ -94,7 +94,6 @@ mod tests {
 
     fn request(system: Option<&str>, turns: &[(Role, &str)]) -> ValidRequest {
         ValidRequest {
-            caller: "test".into(),
             system: system.map(str::to_owned),
             messages: turns
                 .iter()
