@@ -1,8 +1,12 @@
 //! modelgate: a streaming gateway in front of large language models.
 //!
-//! Layout: [`config`] reads the registry file; [`request`] validates what clients send;
-//! [`provider`] talks to upstreams behind one trait; [`registry`] ties model names to
-//! providers; [`server`] adapts the chunk stream to HTTP, SSE and WebSocket.
+//! Layers, each using only those after it: [`server`] adapts the chunk stream to HTTP, SSE
+//! and WebSocket; [`gateway`] admits requests and starts generations; [`generation`] pumps
+//! one answer (timeouts, cancellation, accounting); [`registry`] ties model names to
+//! providers; [`provider`] talks to upstreams behind one trait; [`request`] validates what
+//! clients send; [`special_tokens`] keeps prompt-format tokens out of user text; [`error`]
+//! is the one error type. Beside them: [`config`] reads the registry file, [`auth`] holds
+//! the API keys and their limits, [`telemetry`] the logs and metrics.
 
 pub mod auth;
 pub mod config;

@@ -96,18 +96,27 @@ const HEADER: &str = "x-request-id";
 
 /// Gives each request an id (the client's `x-request-id` if it sent a sane one), a span
 /// carrying it, one log line with status and latency, the id in the response, and its
-/// count and the gateway's own share of its latency in the metrics.
-pub struct RequestId;
+/// count and the gateway's own share of its latency in the metrics, under the route label
+/// the server's route table gives its path.
+pub struct RequestId {
+    pub route_label: fn(&str) -> &'static str,
+}
 
 impl<E: Endpoint> Middleware<E> for RequestId {
     type Output = RequestIdEndpoint<E>;
 
     fn transform(&self, endpoint: E) -> Self::Output {
-        RequestIdEndpoint(endpoint)
+        RequestIdEndpoint {
+            inner: endpoint,
+            route_label: self.route_label,
+        }
     }
 }
 
-pub struct RequestIdEndpoint<E>(E);
+pub struct RequestIdEndpoint<E> {
+    inner: E,
+    route_label: fn(&str) -> &'static str,
+}
 
 impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
     type Output = Response;
@@ -115,7 +124,7 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
     async fn call(&self, mut request: Request) -> poem::Result<Response> {
         let note = Arc::new(RequestNote::default());
         request.extensions_mut().insert(note.clone());
-        let route = crate::server::route_label(request.uri().path());
+        let route = (self.route_label)(request.uri().path());
         let id = request
             .headers()
             .get(HEADER)
@@ -137,7 +146,7 @@ impl<E: Endpoint> Endpoint for RequestIdEndpoint<E> {
         );
         async move {
             let started = Instant::now();
-            let mut response = match self.0.call(request).await {
+            let mut response = match self.inner.call(request).await {
                 Ok(output) => output.into_response(),
                 Err(err) => err.into_response(),
             };

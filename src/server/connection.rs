@@ -463,7 +463,7 @@ impl AsyncRead for WatchedIo {
         loop {
             ready!(stream.poll_read_ready(cx))?;
             // Into the unfilled part as it is: zeroing hyper's 8 KiB read buffer first cost a
-            // memset per read, 4 % of the instructions of a request (bench/RESULTS.md).
+            // memset per read, a measurable share of a request's instructions (bench/RESULTS.md).
             match stream.try_read_buf(buf) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Ok(read) => {

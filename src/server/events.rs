@@ -83,7 +83,7 @@ impl StreamEvent {
     }
 
     /// A chunk is written directly: the generic path builds a `serde_json::Value` tree
-    /// first, which cost 5 of the 26 heap allocations per streamed chunk (bench/RESULTS.md).
+    /// first, a fifth of a streamed chunk's heap allocations (bench/RESULTS.md).
     fn write_json(&self, out: &mut Vec<u8>) {
         match self {
             StreamEvent::Chunk(piece) => {

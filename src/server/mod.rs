@@ -30,8 +30,6 @@ use tokio::net::TcpSocket;
 
 pub use origin::OriginPolicy;
 
-pub use routes::label as route_label;
-
 use crate::{config::ConnectionSettings, error::Error, gateway::Gateway, telemetry::RequestId};
 use routes::Access;
 
@@ -117,7 +115,9 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
                 }
             }
         })
-        .with(RequestId)
+        .with(RequestId {
+            route_label: routes::label,
+        })
         .into_endpoint()
         .boxed()
 }
