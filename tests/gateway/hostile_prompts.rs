@@ -9,33 +9,13 @@ use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, expect_error};
 use crate::emulator::Scenario;
 
-/// CPU time (user and system) the gateway process has used so far.
-fn cpu_time(app: &App) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", app.pid())).unwrap();
-    // The fields after the command name, which is in parentheses: state is the first,
-    // utime (14th of the line) the 12th, stime the 13th; both in clock ticks.
-    let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .skip(11)
-        .take(2)
-        .map(|field| field.parse().unwrap())
-        .collect();
-    let ticks_per_second: u64 = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8(output.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100);
-    Duration::from_millis((fields[0] + fields[1]) * 1000 / ticks_per_second)
-}
-
 /// The gateway's CPU time for one streamed Llama 3 answer of `pieces` one-letter chunks.
 async fn cpu_of_a_long_stream(app: &App, pieces: usize, stop: &[String]) -> Duration {
     app.emulator.script(
         LLAMA_ID,
         Scenario::reply(vec!["a"; pieces]).paced(Duration::ZERO),
     );
-    let before = cpu_time(app);
+    let before = app.cpu_time();
     let response = app
         .post(
             "/stream",
@@ -51,7 +31,7 @@ async fn cpu_of_a_long_stream(app: &App, pieces: usize, stop: &[String]) -> Dura
         .filter_map(|event| event.data["text"].as_str())
         .collect();
     assert_eq!(text.len(), pieces);
-    cpu_time(app) - before
+    app.cpu_time() - before
 }
 
 #[tokio::test]
