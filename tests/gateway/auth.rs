@@ -142,12 +142,7 @@ async fn a_key_holds_at_most_its_concurrent_streams_and_its_tokens_per_minute() 
     let app = with_keys("concurrent_streams = 1, tokens_per_minute = 30")
         .spawn()
         .await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["…".into()],
-        },
-    );
+    app.emulator.script(LLAMA_ID, Scenario::stall(["…"]));
     let held = app
         .get(&format!("/stream?model=llama3&prompt=hi&api_key={KEY}"))
         .await;

@@ -61,12 +61,7 @@ async fn an_sse_client_that_leaves_before_the_first_token_stops_the_upstream_cal
 #[tokio::test]
 async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_call() {
     let app = TestApp::new()
-        .scenario(
-            LLAMA_ID,
-            Scenario::Stall {
-                pieces: vec!["thinking...".into()],
-            },
-        )
+        .scenario(LLAMA_ID, Scenario::stall(["thinking..."]))
         .spawn()
         .await;
     let response = app.get("/stream?model=llama3&prompt=hi").await;

@@ -135,6 +135,13 @@ impl Scenario {
     }
 
     /// A [`Scenario::Reply`] with its pieces `pace` apart.
+    /// Stall after these pieces (see [`Scenario::Stall`]).
+    pub fn stall(pieces: impl IntoIterator<Item = impl ToString>) -> Scenario {
+        Scenario::Stall {
+            pieces: pieces.into_iter().map(|piece| piece.to_string()).collect(),
+        }
+    }
+
     pub fn paced(mut self, every: Duration) -> Scenario {
         *self.reply_field("paced").0 = every;
         self

@@ -47,12 +47,7 @@ async fn closed_within(socket: &mut TcpStream, within: Duration) -> bool {
 }
 
 fn stall_llama(app: &App) {
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["…".into()],
-        },
-    );
+    app.emulator.script(LLAMA_ID, Scenario::stall(["…"]));
 }
 
 const HALF_A_HEAD: &[u8] =

@@ -225,12 +225,7 @@ async fn invoke_with_key(app: &App) -> reqwest::Response {
 #[tokio::test]
 async fn concurrent_streams_limits_invoke_too() {
     let app = with_keys("concurrent_streams = 1").spawn().await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["…".into()],
-        },
-    );
+    app.emulator.script(LLAMA_ID, Scenario::stall(["…"]));
     let slow = tokio::spawn({
         let url = app.url.clone();
         async move {
@@ -259,12 +254,7 @@ async fn requests_refused_for_concurrency_do_not_spend_the_requests_per_minute()
     let app = with_keys("requests_per_minute = 2, concurrent_streams = 1")
         .spawn()
         .await;
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["…".into()],
-        },
-    );
+    app.emulator.script(LLAMA_ID, Scenario::stall(["…"]));
     let held = app
         .get(&format!("/stream?model=llama3&prompt=hold&api_key={KEY}"))
         .await;

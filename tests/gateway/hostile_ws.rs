@@ -124,9 +124,7 @@ impl RawClient {
 
 /// The model writes one piece and then nothing, never ending: an answer that streams on.
 fn stall() -> Scenario {
-    Scenario::Stall {
-        pieces: vec!["…".into()],
-    }
+    Scenario::stall(["…"])
 }
 
 /// Reads frames until the pong that answers `ping`, which the gateway sends only after it

@@ -12,12 +12,7 @@ use crate::emulator::{Scenario, StreamEnd};
 
 /// Opens a stream that the model keeps open (one piece, then silence), holding its slots.
 async fn hold_a_stream(app: &App) -> reqwest::Response {
-    app.emulator.script(
-        LLAMA_ID,
-        Scenario::Stall {
-            pieces: vec!["…".into()],
-        },
-    );
+    app.emulator.script(LLAMA_ID, Scenario::stall(["…"]));
     app.get("/stream?model=llama3&prompt=hold").await
 }
 
