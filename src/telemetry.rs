@@ -50,16 +50,21 @@ struct EscapingWriter<W> {
 }
 
 impl<W: Write> Write for EscapingWriter<W> {
-    /// The formatter hands over one whole event per call.
+    /// The formatter hands over one whole event per call; it goes out in one write, so that
+    /// lines of concurrent events do not interleave.
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let text = String::from_utf8_lossy(line);
         let (body, end) = match text.strip_suffix('\n') {
             Some(body) => (body, "\n"),
             None => (text.as_ref(), ""),
         };
-        let escaped = escape_controls(body, self.keep_colours);
-        self.inner.write_all(escaped.as_bytes())?;
-        self.inner.write_all(end.as_bytes())?;
+        match escape_controls(body, self.keep_colours) {
+            Cow::Borrowed(_) => self.inner.write_all(line)?,
+            Cow::Owned(mut escaped) => {
+                escaped.push_str(end);
+                self.inner.write_all(escaped.as_bytes())?;
+            }
+        }
         Ok(line.len())
     }
 

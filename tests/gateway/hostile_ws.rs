@@ -127,6 +127,18 @@ fn stall() -> Scenario {
     Scenario::stall(["…"])
 }
 
+/// A JSON-mode socket whose first answer (to a stalling model) has begun: what it sends now
+/// is queued.
+async fn answering(app: &App) -> Socket {
+    let mut socket = connect_json(app, "llama3").await;
+    socket
+        .send(Message::text(r#"{"prompt": "go"}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "chunk");
+    socket
+}
+
 /// Reads frames until the pong that answers `ping`, which the gateway sends only after it
 /// read every message sent before the ping; returns the JSON frames before it.
 async fn frames_until_pong(socket: &mut Socket, ping: &str) -> Vec<Value> {
@@ -165,11 +177,7 @@ async fn prompts_sent_ahead_are_refused_beyond_the_connections_byte_budget() {
         "the second 40 KiB prompt is over the 64 KiB budget: {refusal}"
     );
 
-    let mut json = connect_json(&app, "llama3").await;
-    json.send(Message::text(r#"{"prompt": "go"}"#))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&mut json).await["type"], "chunk");
+    let mut json = answering(&app).await;
     let prompt = json!({ "prompt": ahead }).to_string();
     json.send(Message::text(prompt.clone())).await.unwrap();
     json.send(Message::text(prompt)).await.unwrap();
@@ -208,12 +216,7 @@ async fn prompts_queued_on_many_connections_stay_within_the_gateway_wide_budget(
     app.emulator.script(LLAMA_ID, stall());
     let mut sockets = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
-        let mut socket = connect_json(&app, "llama3").await;
-        socket
-            .send(Message::text(r#"{"prompt": "go"}"#))
-            .await
-            .unwrap();
-        assert_eq!(next_json(&mut socket).await["type"], "chunk");
+        let socket = answering(&app).await;
         sockets.push(socket);
     }
     let before = app.rss_kib();
@@ -242,12 +245,7 @@ async fn prompts_queued_on_many_connections_stay_within_the_gateway_wide_budget(
 
     // Connections that leave give their share back.
     drop(sockets);
-    let mut socket = connect_json(&app, "llama3").await;
-    socket
-        .send(Message::text(r#"{"prompt": "go"}"#))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&mut socket).await["type"], "chunk");
+    let mut socket = answering(&app).await;
     for _ in 0..4 {
         socket.send(Message::text(prompt.clone())).await.unwrap();
     }

@@ -93,14 +93,14 @@ async fn ws_model(
     request: &Request,
     params: poem::Result<Query<WsParams>>,
     Data(state): Data<&Arc<AppState>>,
+    Data(caller): Data<&Caller>,
 ) -> Result<Response> {
-    // The browser origin was checked for every route in `app()`.
+    // The browser origin and the key were checked for every route in `app()`.
     let gateway = &state.gateway;
     let accepted = accept(request)?;
     if gateway.shutdown.draining.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
-    let caller = gateway.auth.authenticate(request)?;
     let Query(params) =
         params.map_err(|err| Error::InvalidRequest(format!("invalid query parameter: {err}")))?;
     let model = params.model.ok_or_else(|| {
@@ -140,7 +140,7 @@ async fn ws_model(
         .max_frame_size(Some(limit));
     let session = Session {
         gateway: gateway.clone(),
-        caller,
+        caller: caller.clone(),
         client_gone: ClientGone::of(request),
         model,
         mode,
