@@ -79,8 +79,9 @@ impl Auth {
         }
         let presented = presented_key(request).ok_or_else(|| {
             Error::Unauthorized(
-                "an API key is required: send `Authorization: Bearer <key>` (browsers: the \
-                 `api_key` query parameter, or the WebSocket subprotocol `bearer.<key>`)"
+                "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>` \
+                 (browsers: the `api_key` query parameter, or the WebSocket subprotocol \
+                 `bearer.<key>`)"
                     .into(),
             )
         })?;
@@ -106,6 +107,10 @@ fn presented_key(request: &Request) -> Option<String> {
         return scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| key.trim().to_owned());
+    }
+    // Anthropic's SDKs and Claude Code send the key this way.
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(key.trim().to_owned());
     }
     if let Ok(KeyQuery { api_key: Some(key) }) = request.params::<KeyQuery>() {
         return Some(key);

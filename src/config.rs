@@ -20,6 +20,7 @@ mod models;
 
 use self::models::read_models;
 use crate::{
+    content::MediaLimits,
     provider::{ProviderSpec, UpstreamSettings},
     request::Limits,
 };
@@ -171,6 +172,11 @@ struct RawConfig {
     ws_idle_timeout: Option<Spanned<Wait>>,
     max_messages: Option<NonZeroUsize>,
     max_input_chars: Option<NonZeroUsize>,
+    // Media in one request: see `MediaLimits`.
+    max_image_bytes: Option<NonZeroUsize>,
+    max_images: Option<NonZeroUsize>,
+    max_document_bytes: Option<NonZeroUsize>,
+    max_documents: Option<NonZeroUsize>,
     // Client connections.
     max_connections: Option<NonZeroUsize>,
     header_read_timeout: Option<Spanned<Wait>>,
@@ -319,6 +325,21 @@ impl Config {
         let defaults = raw.upstream;
         let max_messages = raw.max_messages.map_or(512, NonZeroUsize::get);
         let max_input_chars = raw.max_input_chars.map_or(500_000, NonZeroUsize::get);
+        let media_defaults = MediaLimits::default();
+        let media = MediaLimits {
+            max_image_bytes: raw
+                .max_image_bytes
+                .map_or(media_defaults.max_image_bytes, NonZeroUsize::get),
+            max_images: raw
+                .max_images
+                .map_or(media_defaults.max_images, NonZeroUsize::get),
+            max_document_bytes: raw
+                .max_document_bytes
+                .map_or(media_defaults.max_document_bytes, NonZeroUsize::get),
+            max_documents: raw
+                .max_documents
+                .map_or(media_defaults.max_documents, NonZeroUsize::get),
+        };
         let mut first_line_of: HashMap<String, usize> = HashMap::new();
         let mut models = Vec::with_capacity(entries.len());
         for raw in entries {
@@ -381,6 +402,8 @@ impl Config {
                     max_messages,
                     max_input_chars,
                     special_tokens: raw.special_tokens.unwrap_or_default(),
+                    accepts: provider.accepts(),
+                    media,
                 },
                 upstream: raw.upstream.unwrap_or_default().or(defaults).settings(),
                 provider,
@@ -452,7 +475,9 @@ impl Config {
                 shutdown_grace: wait(raw.shutdown_grace, 30),
                 slow_client_timeout: wait(raw.slow_client_timeout, 30),
                 sse_keep_alive: wait(raw.sse_keep_alive, 15),
-                max_body_bytes: raw.max_body_bytes.map_or(1024 * 1024, NonZeroUsize::get),
+                max_body_bytes: raw
+                    .max_body_bytes
+                    .map_or(16 * 1024 * 1024, NonZeroUsize::get),
                 ws_max_message_bytes: raw
                     .ws_max_message_bytes
                     .map_or(1024 * 1024, NonZeroUsize::get),

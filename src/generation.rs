@@ -167,8 +167,8 @@ impl Pump {
                 },
             };
             let ended = match &item {
-                Ok(Chunk::Text(_)) => None,
                 Ok(Chunk::Done(finish)) => Some(Ended::Finished(*finish)),
+                Ok(_) => None,
                 Err(Error::ShuttingDown) => Some(Ended::Cancelled(CancelReason::Shutdown)),
                 Err(err) => Some(Ended::Failed(err.clone())),
             };

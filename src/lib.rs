@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod gateway;
 pub mod generation;

@@ -5,6 +5,10 @@ use poem_openapi::{Enum, Object};
 use serde::Deserialize;
 
 use crate::{
+    content::{
+        Accepts, Block, BlockChecker, MediaLimits, MessageContent, Tool, ToolChoice, ToolSpec,
+        check_tools,
+    },
     error::{Error, Result},
     special_tokens::{SpecialTokenPolicy, SpecialTokens},
 };
@@ -47,14 +51,50 @@ pub struct GenerateRequest {
     /// each at most 256 characters).
     #[oai(validator(max_items = 8, max_length = 256))]
     pub stop: Option<Vec<String>>,
+    /// Tools the model may call (models with `format = "converse"`).
+    pub tools: Option<Vec<ToolSpec>>,
+    /// Whether the model must call a tool; needs `tools`.
+    pub tool_choice: Option<ToolChoice>,
+    /// Model-specific fields passed to the model (Bedrock's `additionalModelRequestFields`,
+    /// e.g. `{"top_k": 50}`), merged over the model's own; only where the model's
+    /// configuration allows them.
+    pub additional_fields: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Object, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Object, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: Role,
-    #[oai(validator(min_length = 1))]
-    pub content: String,
+    /// A string, or a list of blocks (`text`, `image`, `document`, `tool_use`,
+    /// `tool_result`, `reasoning`).
+    pub content: MessageContent,
+}
+
+/// A validated message: its blocks, media decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: Vec<Block>,
+}
+
+impl Message {
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Message {
+            role,
+            content: vec![Block::Text(text.into())],
+        }
+    }
+
+    /// The message's text blocks, joined: all there is for a model that takes only text.
+    pub fn joined_text(&self) -> String {
+        let mut text = String::new();
+        for block in &self.content {
+            if let Block::Text(piece) = block {
+                text.push_str(piece);
+            }
+        }
+        text
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, Deserialize)]
@@ -86,18 +126,25 @@ pub struct Limits {
     pub max_input_chars: usize,
     /// What to do with user text that holds a special token of the model's prompt format.
     pub special_tokens: SpecialTokenPolicy,
+    /// What the model takes besides text.
+    pub accepts: Accepts,
+    pub media: MediaLimits,
 }
 
 /// A request that passed validation: at least one message, roles alternating from `user`,
 /// parameters in range, defaults applied.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ValidRequest {
     pub system: Option<String>,
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     pub max_tokens: u32,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub stop: Vec<String>,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    /// A JSON object, when the model allows per-request fields.
+    pub additional_fields: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl GenerateRequest {
@@ -119,6 +166,13 @@ impl GenerateRequest {
     ) -> Result<ValidRequest> {
         let invalid = |message: String| Err(Error::InvalidRequest(message));
         let from_prompt = self.prompt.is_some();
+        let mut checker = BlockChecker {
+            model: &self.model,
+            accepts: limits.accepts,
+            limits: limits.media,
+            images: 0,
+            documents: 0,
+        };
         let mut messages = match (self.prompt, self.messages) {
             (Some(_), Some(_)) => {
                 return invalid("give either `prompt` or `messages`, not both".into());
@@ -128,27 +182,36 @@ impl GenerateRequest {
                 if prompt.trim().is_empty() {
                     return invalid("`prompt` is empty".into());
                 }
-                vec![ChatMessage {
-                    role: Role::User,
-                    content: prompt,
-                }]
+                vec![Message::text(Role::User, prompt)]
             }
             (None, Some(messages)) => {
+                if messages.len() > limits.max_messages {
+                    return Err(too_many_messages(messages.len(), limits));
+                }
+                let messages = messages
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, message)| {
+                        let field = format!("messages[{index}].content");
+                        Ok(Message {
+                            role: message.role,
+                            content: checker.check(
+                                message.content,
+                                message.role == Role::Assistant,
+                                &field,
+                            )?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 check_conversation(&messages)?;
                 messages
             }
         };
-        if messages.len() > limits.max_messages {
-            return Err(Error::TooLarge(format!(
-                "the conversation has {} messages; at most {} are allowed",
-                messages.len(),
-                limits.max_messages
-            )));
-        }
         let input_chars = self.system.as_deref().map_or(0, |s| s.chars().count())
             + messages
                 .iter()
-                .map(|m| m.content.chars().count())
+                .flat_map(|m| &m.content)
+                .map(Block::text_chars)
                 .sum::<usize>();
         if input_chars > limits.max_input_chars {
             return Err(Error::TooLarge(format!(
@@ -190,6 +253,36 @@ impl GenerateRequest {
                 "`stop[{index}]` has {chars} characters; at most {MAX_STOP_SEQUENCE_CHARS} are allowed"
             ));
         }
+        let tools = self.tools.unwrap_or_default();
+        if !tools.is_empty() && !limits.accepts.tools {
+            return invalid(format!(
+                "model `{}` cannot take `tools`; models with `format = \"converse\"` can",
+                self.model
+            ));
+        }
+        let tools = check_tools(tools)?;
+        check_tool_choice(self.tool_choice.as_ref(), &tools)?;
+        let holds_tool_blocks = messages
+            .iter()
+            .flat_map(|m| &m.content)
+            .any(|block| matches!(block, Block::ToolUse(_) | Block::ToolResult(_)));
+        if holds_tool_blocks && tools.is_empty() {
+            return invalid(
+                "`tools` must be given when the conversation holds `tool_use` or `tool_result` blocks"
+                    .into(),
+            );
+        }
+        let additional_fields = match self.additional_fields {
+            None => None,
+            Some(_) if !limits.accepts.additional_fields => {
+                return invalid(format!(
+                    "model `{}` does not take `additional_fields` (its configuration must set `allow_request_additional_fields = true`)",
+                    self.model
+                ));
+            }
+            Some(serde_json::Value::Object(fields)) => Some(fields),
+            Some(_) => return invalid("`additional_fields` must be a JSON object".into()),
+        };
         let mut system = self.system.filter(|system| !system.is_empty());
         if let Some(tokens) = special_tokens {
             let policy = limits.special_tokens;
@@ -197,12 +290,18 @@ impl GenerateRequest {
                 tokens.guard("system", system, policy)?;
             }
             for (index, message) in messages.iter_mut().enumerate() {
-                let field = if from_prompt {
-                    "prompt".to_owned()
-                } else {
-                    format!("messages[{index}].content")
-                };
-                tokens.guard(&field, &mut message.content, policy)?;
+                let single = message.content.len() == 1;
+                for (block_index, block) in message.content.iter_mut().enumerate() {
+                    let Block::Text(text) = block else { continue };
+                    let field = if from_prompt {
+                        "prompt".to_owned()
+                    } else if single {
+                        format!("messages[{index}].content")
+                    } else {
+                        format!("messages[{index}].content[{block_index}].text")
+                    };
+                    tokens.guard(&field, text, policy)?;
+                }
             }
         }
         Ok(ValidRequest {
@@ -212,11 +311,37 @@ impl GenerateRequest {
             temperature: self.temperature.or(limits.default_temperature),
             top_p: self.top_p,
             stop,
+            tools,
+            tool_choice: self.tool_choice,
+            additional_fields,
         })
     }
 }
 
-fn check_conversation(messages: &[ChatMessage]) -> Result<()> {
+fn too_many_messages(count: usize, limits: &Limits) -> Error {
+    Error::TooLarge(format!(
+        "the conversation has {count} messages; at most {} are allowed",
+        limits.max_messages
+    ))
+}
+
+fn check_tool_choice(choice: Option<&ToolChoice>, tools: &[Tool]) -> Result<()> {
+    match choice {
+        None => Ok(()),
+        Some(_) if tools.is_empty() => {
+            Err(Error::InvalidRequest("`tool_choice` needs `tools`".into()))
+        }
+        Some(ToolChoice::Named(named)) if !tools.iter().any(|tool| tool.name == named.name) => {
+            Err(Error::InvalidRequest(format!(
+                "`tool_choice` names `{}`, which is not one of `tools`",
+                named.name.escape_debug()
+            )))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn check_conversation(messages: &[Message]) -> Result<()> {
     let Some(first) = messages.first() else {
         return Err(Error::InvalidRequest("`messages` is empty".into()));
     };
@@ -234,10 +359,31 @@ fn check_conversation(messages: &[ChatMessage]) -> Result<()> {
             )));
         }
     }
-    if let Some(index) = messages.iter().position(|m| m.content.trim().is_empty()) {
+    if let Some(index) = messages
+        .iter()
+        .position(|m| m.content.iter().all(Block::is_blank))
+    {
         return Err(Error::InvalidRequest(format!(
             "`messages[{index}].content` is empty"
         )));
+    }
+    // Every tool result answers a call of the assistant message just before it.
+    for (index, pair) in messages.windows(2).enumerate() {
+        for block in &pair[1].content {
+            let Block::ToolResult(result) = block else {
+                continue;
+            };
+            let called = pair[0].content.iter().any(
+                |block| matches!(block, Block::ToolUse(call) if call.id == result.tool_use_id),
+            );
+            if !called {
+                return Err(Error::InvalidRequest(format!(
+                    "`messages[{}]` holds a `tool_result` for `{}`, which the assistant message before it did not call",
+                    index + 1,
+                    result.tool_use_id.escape_debug()
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -253,12 +399,19 @@ mod tests {
         max_messages: 3,
         max_input_chars: 100,
         special_tokens: SpecialTokenPolicy::Refuse,
+        accepts: Accepts::TEXT,
+        media: MediaLimits {
+            max_image_bytes: 4,
+            max_images: 1,
+            max_document_bytes: 4,
+            max_documents: 1,
+        },
     };
 
     fn message(role: Role, content: &str) -> ChatMessage {
         ChatMessage {
             role,
-            content: content.into(),
+            content: MessageContent::Text(content.into()),
         }
     }
 
@@ -271,7 +424,7 @@ mod tests {
         let valid = GenerateRequest::prompt("m", "Hi")
             .validate(&LIMITS, None)
             .unwrap();
-        assert_eq!(valid.messages, vec![message(Role::User, "Hi")]);
+        assert_eq!(valid.messages, vec![Message::text(Role::User, "Hi")]);
         assert_eq!(valid.max_tokens, 512);
         assert_eq!(valid.temperature, Some(0.5));
     }
@@ -393,7 +546,7 @@ mod tests {
         .validate(&limits, Some(&tokens))
         .unwrap();
         assert_eq!(valid.system.as_deref(), Some("s<\u{200B}|eot_id|>"));
-        assert_eq!(valid.messages[0].content, "<\u{200B}|eot_id|>p");
+        assert_eq!(valid.messages[0].joined_text(), "<\u{200B}|eot_id|>p");
     }
 
     #[test]
@@ -409,5 +562,146 @@ mod tests {
             ..Default::default()
         };
         assert!(error_of(many).contains("at most 3"));
+    }
+
+    fn blocks(role: Role, blocks: serde_json::Value) -> ChatMessage {
+        ChatMessage {
+            role,
+            content: MessageContent::Blocks(serde_json::from_value(blocks).unwrap()),
+        }
+    }
+
+    const CONVERSE: Limits = Limits {
+        accepts: Accepts {
+            images: true,
+            documents: true,
+            tools: true,
+            reasoning: true,
+            additional_fields: false,
+        },
+        ..LIMITS
+    };
+
+    fn conversation(messages: Vec<ChatMessage>) -> GenerateRequest {
+        GenerateRequest {
+            model: "claude".into(),
+            messages: Some(messages),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_text_only_model_refuses_an_image_naming_the_model_and_the_block() {
+        let image = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "text", "text": "What is it?"},
+                {"type": "image", "media_type": "image/png", "data": "iVBO"}]),
+        )]);
+        let err = image.validate(&LIMITS, None).unwrap_err();
+        assert_eq!(err.code(), "invalid_request");
+        assert!(
+            err.to_string().starts_with(
+                "model `claude` cannot take `image` blocks (`messages[0].content[1]`)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn images_are_decoded_from_base64_or_a_data_url_and_remote_urls_are_refused() {
+        let valid = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "image", "url": "data:image/png;base64,iVBO"}]),
+        )])
+        .validate(&CONVERSE, None)
+        .unwrap();
+        let Block::Image(image) = &valid.messages[0].content[0] else {
+            panic!("an image");
+        };
+        assert_eq!(image.format, crate::content::ImageFormat::Png);
+        assert_eq!(&image.data[..], b"\x89PN");
+        let remote = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "image", "url": "https://example.com/cat.png"}]),
+        )]);
+        assert!(error_of_with(remote, &CONVERSE).contains("does not fetch remote images"));
+        let big = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "image", "media_type": "image/png", "data": "aGVsbG8="}]),
+        )]);
+        let err = big.validate(&CONVERSE, None).unwrap_err();
+        assert_eq!(err.code(), "too_large");
+        let svg = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "image", "media_type": "image/svg+xml", "data": "aGk="}]),
+        )]);
+        assert!(error_of_with(svg, &CONVERSE).contains("image/svg+xml"));
+    }
+
+    fn error_of_with(request: GenerateRequest, limits: &Limits) -> String {
+        request.validate(limits, None).unwrap_err().to_string()
+    }
+
+    fn weather_tool() -> Vec<ToolSpec> {
+        vec![ToolSpec {
+            name: "weather".into(),
+            description: None,
+            input_schema: serde_json::json!({"type": "object"}),
+        }]
+    }
+
+    #[test]
+    fn tool_results_answer_the_calls_of_the_message_before_and_need_tools() {
+        let call = blocks(
+            Role::Assistant,
+            serde_json::json!([{"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Paris"}}]),
+        );
+        let result = |id: &str| {
+            blocks(
+                Role::User,
+                serde_json::json!([{"type": "tool_result", "tool_use_id": id, "content": "18°C"}]),
+            )
+        };
+        let round_trip = |id: &str, tools: Option<Vec<ToolSpec>>| GenerateRequest {
+            tools,
+            ..conversation(vec![
+                message(Role::User, "Weather?"),
+                call.clone(),
+                result(id),
+            ])
+        };
+        assert!(
+            round_trip("t1", Some(weather_tool()))
+                .validate(&CONVERSE, None)
+                .is_ok()
+        );
+        assert!(
+            error_of_with(round_trip("t2", Some(weather_tool())), &CONVERSE)
+                .contains("did not call")
+        );
+        assert!(error_of_with(round_trip("t1", None), &CONVERSE).contains("`tools` must be given"));
+        let tools_to_text_model = GenerateRequest {
+            tools: Some(weather_tool()),
+            ..GenerateRequest::prompt("llama", "x")
+        };
+        assert!(error_of(tools_to_text_model).starts_with("model `llama` cannot take `tools`"));
+        let user_calls = conversation(vec![blocks(
+            Role::User,
+            serde_json::json!([{"type": "tool_use", "id": "t1", "name": "weather", "input": {}}]),
+        )]);
+        assert!(error_of_with(user_calls, &CONVERSE).contains("only `assistant` messages"));
+    }
+
+    #[test]
+    fn tool_choice_must_name_one_of_the_tools() {
+        let named = |name: &str| GenerateRequest {
+            tools: Some(weather_tool()),
+            tool_choice: Some(ToolChoice::Named(crate::content::NamedTool {
+                name: name.into(),
+            })),
+            ..GenerateRequest::prompt("m", "x")
+        };
+        assert!(named("weather").validate(&CONVERSE, None).is_ok());
+        assert!(error_of_with(named("news"), &CONVERSE).contains("not one of `tools`"));
     }
 }

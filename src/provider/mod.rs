@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use futures_util::{StreamExt, stream::BoxStream};
-use poem_openapi::Enum;
+use poem_openapi::{Enum, Object};
 
 pub use self::{
     spec::{DefaultLimits, Invalid, ProviderConfig, ProviderSpec, Shared, UpstreamSettings},
     stop::{StopMatcher, StopScan},
 };
+pub use crate::content::ToolCall;
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
@@ -56,11 +57,30 @@ impl Availability {
 }
 
 /// One item of a model's answer, as the model writes it. A stream yields any number of
-/// `Text` pieces and then exactly one `Done`, or ends with an `Err`.
+/// `Text`, `Reasoning` and tool call items and then exactly one `Done`, or ends with an
+/// `Err`. A tool call comes as `ToolCallStart`, the fragments of its input's JSON text as
+/// they arrive (`ToolCallInput`, for clients that stream them), then the whole call
+/// (`ToolCall`, its input parsed) once it is complete.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Chunk {
     Text(String),
+    Reasoning(ReasoningPiece),
+    ToolCallStart {
+        id: String,
+        name: String,
+    },
+    /// A fragment of the JSON text of the input of the tool call started last.
+    ToolCallInput(String),
+    ToolCall(ToolCall),
     Done(Finish),
+}
+
+/// A piece of the model's reasoning: text, or the signature that ends it.
+#[derive(Debug, Clone, PartialEq, Eq, Object)]
+pub struct ReasoningPiece {
+    pub text: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub signature: Option<String>,
 }
 
 pub type ChunkStream = BoxStream<'static, Result<Chunk>>;
@@ -80,13 +100,31 @@ pub enum StopReason {
     MaxTokens,
     StopSequence,
     ContentFiltered,
+    /// The model called a tool and waits for its result.
+    ToolUse,
 }
 
 /// Token counts as the model reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, poem_openapi::Object)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Object)]
 pub struct Usage {
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Input tokens read from the prompt cache, when the model reports them.
+    #[oai(skip_serializing_if_is_none)]
+    pub cache_read_input_tokens: Option<u32>,
+    /// Input tokens written to the prompt cache, when the model reports them.
+    #[oai(skip_serializing_if_is_none)]
+    pub cache_write_input_tokens: Option<u32>,
+}
+
+impl Usage {
+    pub fn new(input_tokens: u32, output_tokens: u32) -> Self {
+        Usage {
+            input_tokens,
+            output_tokens,
+            ..Usage::default()
+        }
+    }
 }
 
 /// The tokens an answer has used so far, as its provider reports them when the answer
@@ -107,8 +145,44 @@ impl UsageMeter {
 /// A whole answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
+    /// All the text, as one string.
     pub text: String,
+    /// Text, reasoning and tool calls in the order the model wrote them; consecutive pieces
+    /// of one kind joined.
+    pub content: Vec<AnswerBlock>,
     pub finish: Finish,
+}
+
+/// One block of a whole answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnswerBlock {
+    Text(String),
+    Reasoning(ReasoningPiece),
+    ToolCall(ToolCall),
+}
+
+impl Completion {
+    /// Adds a chunk to the answer; its `Done` is the caller's.
+    fn push(&mut self, chunk: Chunk) {
+        match chunk {
+            Chunk::Text(piece) => {
+                self.text.push_str(&piece);
+                match self.content.last_mut() {
+                    Some(AnswerBlock::Text(text)) => text.push_str(&piece),
+                    _ => self.content.push(AnswerBlock::Text(piece)),
+                }
+            }
+            Chunk::Reasoning(piece) => match self.content.last_mut() {
+                Some(AnswerBlock::Reasoning(reasoning)) if reasoning.signature.is_none() => {
+                    reasoning.text.push_str(&piece.text);
+                    reasoning.signature = piece.signature;
+                }
+                _ => self.content.push(AnswerBlock::Reasoning(piece)),
+            },
+            Chunk::ToolCall(call) => self.content.push(AnswerBlock::ToolCall(call)),
+            Chunk::ToolCallStart { .. } | Chunk::ToolCallInput(_) | Chunk::Done(_) => {}
+        }
+    }
 }
 
 #[async_trait]
@@ -132,12 +206,24 @@ pub trait Provider: Send + Sync {
 }
 
 /// Concatenates a chunk stream into one answer.
-pub async fn collect(mut stream: ChunkStream) -> Result<Completion> {
-    let mut text = String::new();
+pub async fn collect(
+    mut stream: impl futures_util::Stream<Item = Result<Chunk>> + Unpin,
+) -> Result<Completion> {
+    let mut answer = Completion {
+        text: String::new(),
+        content: Vec::new(),
+        finish: Finish {
+            stop_reason: StopReason::EndTurn,
+            usage: Usage::default(),
+        },
+    };
     while let Some(chunk) = stream.next().await {
         match chunk? {
-            Chunk::Text(piece) => text.push_str(&piece),
-            Chunk::Done(finish) => return Ok(Completion { text, finish }),
+            Chunk::Done(finish) => {
+                answer.finish = finish;
+                return Ok(answer);
+            }
+            chunk => answer.push(chunk),
         }
     }
     Err(Error::Upstream(

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{Provider, bedrock, local};
+use crate::content::Accepts;
 
 /// A model entry's own fields, chosen by its `provider = "…"`: one arm per provider, each
 /// a struct with `deny_unknown_fields` in the provider's module. The configuration hands
@@ -64,6 +65,10 @@ pub trait ProviderSpec: fmt::Debug + Send + Sync {
     fn format(&self) -> &'static str;
     /// What the model's `max_tokens` and `max_tokens_limit` default to.
     fn default_limits(&self) -> DefaultLimits;
+    /// What the model takes besides text.
+    fn accepts(&self) -> Accepts {
+        Accepts::TEXT
+    }
     /// Starts the provider (a local model loads in the background).
     async fn build(
         &self,

@@ -4,16 +4,17 @@ use std::{sync::Arc, time::Instant};
 
 use futures_util::StreamExt;
 use poem::{Request, web::Data};
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Query, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, Union, param::Query, payload::Json};
 
 use super::{
     AppState, connection::ClientGone, events::StreamEvent, json_body::JsonBody, sse::EventStream,
 };
 use crate::{
     auth::Caller,
+    content::{ReasoningBlock, TextBlock, ToolUseBlock},
     error::Error,
     generation::Transport,
-    provider::{StopReason, Usage, collect},
+    provider::{AnswerBlock, StopReason, Usage, collect},
     registry::ModelInfo,
     request::GenerateRequest,
     telemetry::RequestNote,
@@ -25,9 +26,37 @@ pub struct Api;
 #[derive(Debug, Object)]
 pub struct InvokeResponse {
     pub model: String,
+    /// All the text of the answer.
     pub text: String,
+    /// Text, reasoning and tool calls, in the order the model wrote them.
+    pub content: Vec<AnswerContent>,
     pub stop_reason: StopReason,
     pub usage: Usage,
+}
+
+/// One block of a whole answer.
+#[derive(Debug, Union)]
+#[oai(discriminator_name = "type")]
+pub enum AnswerContent {
+    #[oai(mapping = "text")]
+    Text(TextBlock),
+    #[oai(mapping = "tool_use")]
+    ToolUse(ToolUseBlock),
+    #[oai(mapping = "reasoning")]
+    Reasoning(ReasoningBlock),
+}
+
+impl From<AnswerBlock> for AnswerContent {
+    fn from(block: AnswerBlock) -> Self {
+        match block {
+            AnswerBlock::Text(text) => AnswerContent::Text(TextBlock { text }),
+            AnswerBlock::ToolCall(call) => AnswerContent::ToolUse(call.into()),
+            AnswerBlock::Reasoning(piece) => AnswerContent::Reasoning(ReasoningBlock {
+                text: piece.text,
+                signature: piece.signature,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Object)]
@@ -86,6 +115,11 @@ impl Api {
         Ok(Json(InvokeResponse {
             model,
             text: completion.text,
+            content: completion
+                .content
+                .into_iter()
+                .map(AnswerContent::from)
+                .collect(),
             stop_reason: completion.finish.stop_reason,
             usage: completion.finish.usage,
         }))
@@ -184,7 +218,7 @@ async fn stream(
         note.upstream(generation.upstream_wait);
     }
     Ok(EventStream::new(
-        generation.map(StreamEvent::from),
+        generation.filter_map(|item| std::future::ready(StreamEvent::of(item))),
         state.gateway.settings.sse_keep_alive,
     ))
 }

@@ -4,16 +4,25 @@
 use poem_openapi::{Object, Union, types::ToJSON};
 
 use crate::{
+    content::ToolUseBlock,
     error::{Error, ErrorBody},
-    provider::{Chunk, StopReason, Usage},
+    provider::{Chunk, Finish, ReasoningPiece, StopReason, Usage},
 };
 
-/// One event of an answer stream: any number of `chunk`, then one `done` or one `error`.
+/// One event of an answer stream: any number of `chunk`, `reasoning` and `tool_call`, in
+/// the order the model wrote them, then one `done` or one `error`.
 #[derive(Debug, Clone, Union)]
 #[oai(discriminator_name = "type")]
 pub enum StreamEvent {
     #[oai(mapping = "chunk")]
     Chunk(TextPiece),
+    /// A piece of the model's reasoning (its signature on the last piece, where the model
+    /// signs it).
+    #[oai(mapping = "reasoning")]
+    Reasoning(ReasoningPiece),
+    /// A tool call, once it is complete.
+    #[oai(mapping = "tool_call")]
+    ToolCall(ToolUseBlock),
     #[oai(mapping = "done")]
     Done(Finished),
     #[oai(mapping = "error")]
@@ -33,15 +42,31 @@ pub struct Finished {
     pub usage: Usage,
 }
 
-impl From<crate::error::Result<Chunk>> for StreamEvent {
-    fn from(item: crate::error::Result<Chunk>) -> Self {
-        match item {
+impl StreamEvent {
+    /// The event of a stream item; none for the start and the input fragments of a tool
+    /// call (this API gives the call once it is complete).
+    pub fn of(item: crate::error::Result<Chunk>) -> Option<Self> {
+        Some(match item {
             Ok(Chunk::Text(text)) => StreamEvent::Chunk(TextPiece { text }),
-            Ok(Chunk::Done(finish)) => StreamEvent::Done(Finished {
-                stop_reason: finish.stop_reason,
-                usage: finish.usage,
-            }),
+            Ok(Chunk::Reasoning(piece)) => StreamEvent::Reasoning(piece),
+            Ok(Chunk::ToolCall(call)) => StreamEvent::ToolCall(call.into()),
+            Ok(Chunk::ToolCallStart { .. } | Chunk::ToolCallInput(_)) => return None,
+            Ok(Chunk::Done(finish)) => StreamEvent::Done(finish.into()),
             Err(err) => StreamEvent::from(&err),
+        })
+    }
+
+    /// Whether the stream ends with this event.
+    pub fn is_last(&self) -> bool {
+        matches!(self, StreamEvent::Done(_) | StreamEvent::Error(_))
+    }
+}
+
+impl From<Finish> for Finished {
+    fn from(finish: Finish) -> Self {
+        Finished {
+            stop_reason: finish.stop_reason,
+            usage: finish.usage,
         }
     }
 }
@@ -56,6 +81,8 @@ impl StreamEvent {
     pub fn name(&self) -> &'static str {
         match self {
             StreamEvent::Chunk(_) => "chunk",
+            StreamEvent::Reasoning(_) => "reasoning",
+            StreamEvent::ToolCall(_) => "tool_call",
             StreamEvent::Done(_) => "done",
             StreamEvent::Error(_) => "error",
         }
@@ -129,10 +156,7 @@ mod tests {
             }),
             StreamEvent::Done(Finished {
                 stop_reason: StopReason::EndTurn,
-                usage: Usage {
-                    input_tokens: 3,
-                    output_tokens: 5,
-                },
+                usage: Usage::new(3, 5),
             }),
             StreamEvent::from(&Error::Cancelled),
         ];

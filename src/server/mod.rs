@@ -18,7 +18,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use poem::{
     Endpoint, EndpointExt, IntoEndpoint, IntoResponse, Request, Response,
     endpoint::BoxEndpoint,
-    error::ResponseError,
     get, handler,
     http::{Method, header},
     listener::{Acceptor, TcpAcceptor},
@@ -85,7 +84,14 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
             Cors::new()
                 .allow_origins_fn(|_| true)
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers(["authorization", "content-type", "x-request-id"])
+                .allow_headers([
+                    "authorization",
+                    "content-type",
+                    "x-request-id",
+                    "x-api-key",
+                    "anthropic-version",
+                    "last-event-id",
+                ])
                 .expose_headers(["x-request-id", "retry-after"])
                 .max_age(600),
         ),
@@ -111,7 +117,7 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
                 match origins.classify(marks, api) {
                     Ok(origin::Origin::Same) => same_origin.call(request).await,
                     Ok(origin::Origin::Cross) => cross_origin.call(request).await,
-                    Err(err) => Ok(err.as_response()),
+                    Err(err) => Ok(routes::error_shape(request.uri().path())(&err)),
                 }
             }
         })
@@ -122,10 +128,11 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
         .boxed()
 }
 
-/// Every error as `{"error": {"code", "message"}}`, with the `Allow` header a 405 owes.
+/// Every error in its route's shape (the gateway's own: `{"error": {"code", "message"}}`),
+/// with the `Allow` header a 405 owes.
 fn error_response(err: &poem::Error, path: &str) -> Response {
     let error = Error::from_poem(err);
-    let mut response = error.as_response();
+    let mut response = routes::error_shape(path)(&error);
     if let Error::MethodNotAllowed(_) = error
         && let Some(route) = routes::route_of(path)
     {

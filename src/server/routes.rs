@@ -2,7 +2,9 @@
 //! the route label of the metrics and who may call it all come from [`ROUTES`]. A new route
 //! is one entry there.
 
-use poem::{Route, endpoint::BoxEndpoint};
+use poem::{Response, Route, endpoint::BoxEndpoint, error::ResponseError};
+
+use crate::error::Error;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub enum Serve {
     Endpoint(fn() -> BoxEndpoint<'static>),
 }
 
+/// How a route's errors look to its clients, whatever refused the request (the key check,
+/// the origin check, the body limits, the handler).
+pub type ErrorShape = fn(&Error) -> Response;
+
 pub struct RouteSpec {
     /// An exact path, or with a trailing `*`, every path that starts with what precedes it.
     pub path: &'static str,
@@ -34,6 +40,7 @@ pub struct RouteSpec {
     pub allow: &'static str,
     pub access: Access,
     pub serve: Serve,
+    pub errors: ErrorShape,
 }
 
 const fn route(path: &'static str, allow: &'static str, access: Access, serve: Serve) -> RouteSpec {
@@ -42,7 +49,26 @@ const fn route(path: &'static str, allow: &'static str, access: Access, serve: S
         allow,
         access,
         serve,
+        errors: native_error,
     }
+}
+
+impl RouteSpec {
+    /// A route of an API that imitates another service, whose clients expect its error shape.
+    #[allow(dead_code)]
+    const fn errors(self, errors: ErrorShape) -> RouteSpec {
+        RouteSpec { errors, ..self }
+    }
+}
+
+/// The gateway's own shape, `{"error": {"code", "message"}}`.
+fn native_error(err: &Error) -> Response {
+    err.as_response()
+}
+
+/// How errors on `path` look.
+pub fn error_shape(path: &str) -> ErrorShape {
+    route_of(path).map_or(native_error, |route| route.errors)
 }
 
 use Access::{Api, Public};

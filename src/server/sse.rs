@@ -19,18 +19,27 @@ use poem_openapi::{
 
 use super::events::StreamEvent;
 
+/// An event as it goes on the wire: `event:`/`data:` lines and the blank line that ends it.
+/// The OpenAPI document describes the stream as an array of the event's schema.
+pub trait ServerSentEvent: Type + Send + 'static {
+    fn sse(&self) -> Vec<u8>;
+}
+
+impl ServerSentEvent for StreamEvent {
+    fn sse(&self) -> Vec<u8> {
+        StreamEvent::sse(self)
+    }
+}
+
 /// An answer as `text/event-stream`, with a comment line every `keep_alive` so that proxies
 /// and browsers keep a silent stream open.
-pub struct EventStream {
-    events: BoxStream<'static, StreamEvent>,
+pub struct EventStream<E: ServerSentEvent = StreamEvent> {
+    events: BoxStream<'static, E>,
     keep_alive: Duration,
 }
 
-impl EventStream {
-    pub fn new(
-        events: impl Stream<Item = StreamEvent> + Send + 'static,
-        keep_alive: Duration,
-    ) -> Self {
+impl<E: ServerSentEvent> EventStream<E> {
+    pub fn new(events: impl Stream<Item = E> + Send + 'static, keep_alive: Duration) -> Self {
         Self {
             events: events.boxed(),
             keep_alive,
@@ -38,22 +47,22 @@ impl EventStream {
     }
 }
 
-impl Payload for EventStream {
+impl<E: ServerSentEvent> Payload for EventStream<E> {
     const CONTENT_TYPE: &'static str = "text/event-stream";
 
     fn schema_ref() -> MetaSchemaRef {
         MetaSchemaRef::Inline(Box::new(MetaSchema {
-            items: Some(Box::new(StreamEvent::schema_ref())),
+            items: Some(Box::new(E::schema_ref())),
             ..MetaSchema::new_with_format("array", "event-stream")
         }))
     }
 
     fn register(registry: &mut Registry) {
-        StreamEvent::register(registry);
+        E::register(registry);
     }
 }
 
-impl ApiResponse for EventStream {
+impl<E: ServerSentEvent> ApiResponse for EventStream<E> {
     fn meta() -> MetaResponses {
         MetaResponses {
             responses: vec![MetaResponse {
@@ -70,11 +79,11 @@ impl ApiResponse for EventStream {
     }
 
     fn register(registry: &mut Registry) {
-        StreamEvent::register(registry);
+        E::register(registry);
     }
 }
 
-impl IntoResponse for EventStream {
+impl<E: ServerSentEvent> IntoResponse for EventStream<E> {
     fn into_response(self) -> Response {
         let mut events = self.events;
         let mut keep_alive = tokio::time::interval_at(

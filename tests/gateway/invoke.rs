@@ -28,6 +28,7 @@ async fn invoke_llama3_renders_the_instruct_template_and_returns_text_and_usage(
         json!({
             "model": "llama3",
             "text": "Paris is the capital.",
+            "content": [{"type": "text", "text": "Paris is the capital."}],
             "stop_reason": "end_turn",
             "usage": {"input_tokens": 7, "output_tokens": 2},
         })

@@ -6,7 +6,7 @@ use super::format::parse_json;
 use crate::{
     error::Result,
     provider::{Chunk, Finish, StopReason, Usage},
-    request::{ChatMessage, ValidRequest},
+    request::{Message as RequestMessage, ValidRequest},
 };
 
 const ANTHROPIC_VERSION: &str = "bedrock-2023-05-31";
@@ -15,7 +15,7 @@ const ANTHROPIC_VERSION: &str = "bedrock-2023-05-31";
 struct Body<'a> {
     anthropic_version: &'static str,
     max_tokens: u32,
-    messages: Vec<Message<'a>>,
+    messages: Vec<Message>,
     #[serde(skip_serializing_if = "Option::is_none")]
     system: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -27,16 +27,17 @@ struct Body<'a> {
 }
 
 #[derive(Serialize)]
-struct Message<'a> {
+struct Message {
     role: &'static str,
-    content: &'a str,
+    content: String,
 }
 
-impl<'a> From<&'a ChatMessage> for Message<'a> {
-    fn from(message: &'a ChatMessage) -> Self {
+impl From<&RequestMessage> for Message {
+    /// The format takes text only (the registry refuses other blocks).
+    fn from(message: &RequestMessage) -> Self {
         Message {
             role: message.role.as_str(),
-            content: &message.content,
+            content: message.joined_text(),
         }
     }
 }
@@ -158,14 +159,12 @@ mod tests {
     fn the_body_is_a_messages_api_request_for_bedrock() {
         let request = ValidRequest {
             system: Some("Be brief.".into()),
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: "Hi".into(),
-            }],
+            messages: vec![RequestMessage::text(Role::User, "Hi")],
             max_tokens: 100,
             temperature: None,
             top_p: Some(0.9),
             stop: vec!["END".into()],
+            ..Default::default()
         };
         let body: serde_json::Value = serde_json::from_slice(&request_body(&request)).unwrap();
         assert_eq!(
@@ -202,10 +201,7 @@ mod tests {
                 Chunk::Text("Hi".into()),
                 Chunk::Done(Finish {
                     stop_reason: StopReason::StopSequence,
-                    usage: Usage {
-                        input_tokens: 9,
-                        output_tokens: 3
-                    }
+                    usage: Usage::new(9, 3)
                 })
             ]
         );

@@ -100,10 +100,7 @@ pub struct InvocationMetrics {
 
 impl InvocationMetrics {
     pub fn usage(&self) -> Usage {
-        Usage {
-            input_tokens: self.input_token_count,
-            output_tokens: self.output_token_count,
-        }
+        Usage::new(self.input_token_count, self.output_token_count)
     }
 }
 

@@ -77,7 +77,7 @@ pub fn render_prompt(request: &ValidRequest) -> String {
         turn("system", system);
     }
     for message in &request.messages {
-        turn(message.role.as_str(), &message.content);
+        turn(message.role.as_str(), &message.joined_text());
     }
     prompt.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
     prompt
@@ -166,29 +166,21 @@ fn push_text(chunks: &mut Vec<Chunk>, text: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{ChatMessage, Role};
+    use crate::request::{Message, Role};
 
     fn request(stop: &[&str]) -> ValidRequest {
         ValidRequest {
             system: Some("Be brief.".into()),
             messages: vec![
-                ChatMessage {
-                    role: Role::User,
-                    content: "Hi".into(),
-                },
-                ChatMessage {
-                    role: Role::Assistant,
-                    content: "Hello!".into(),
-                },
-                ChatMessage {
-                    role: Role::User,
-                    content: "Capital of France?".into(),
-                },
+                Message::text(Role::User, "Hi"),
+                Message::text(Role::Assistant, "Hello!"),
+                Message::text(Role::User, "Capital of France?"),
             ],
             max_tokens: 64,
             temperature: Some(0.2),
             top_p: None,
             stop: stop.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
         }
     }
 
@@ -225,10 +217,7 @@ mod tests {
                 Chunk::Text("is".into()),
                 Chunk::Done(Finish {
                     stop_reason: StopReason::MaxTokens,
-                    usage: Usage {
-                        input_tokens: 12,
-                        output_tokens: 2
-                    }
+                    usage: Usage::new(12, 2)
                 })
             ]
         );
@@ -247,10 +236,7 @@ mod tests {
             decoder.decode(second).unwrap(),
             [Chunk::Done(Finish {
                 stop_reason: StopReason::StopSequence,
-                usage: Usage {
-                    input_tokens: 3,
-                    output_tokens: 6
-                }
+                usage: Usage::new(3, 6)
             })]
         );
     }

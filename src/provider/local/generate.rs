@@ -124,10 +124,7 @@ fn generate(
     if !held.is_empty() {
         let _ = job.chunks.send(Ok(Chunk::Text(held)));
     }
-    let usage = Usage {
-        input_tokens: prompt_tokens as u32,
-        output_tokens: generated as u32,
-    };
+    let usage = Usage::new(prompt_tokens as u32, generated as u32);
     tracing::debug!(
         output_tokens = generated,
         secs = started.elapsed().as_secs_f32(),

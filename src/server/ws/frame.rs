@@ -32,7 +32,7 @@ pub enum Framing {
 
 /// What a client's message asks for.
 pub enum Incoming {
-    Prompt(GenerateRequest, Framing),
+    Prompt(Box<GenerateRequest>, Framing),
     Invalid(Error, Framing),
     Cancel,
     /// Pings and pongs: they only show that the client is there.
@@ -61,7 +61,7 @@ impl Incoming {
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Incoming::Ignore,
         };
         match mode {
-            Mode::Text => Incoming::Prompt(GenerateRequest::prompt(model, text), framing),
+            Mode::Text => Incoming::Prompt(Box::new(GenerateRequest::prompt(model, text)), framing),
             Mode::Json => match parse_json(&text, model) {
                 Ok(JsonFrame::Generate(request)) => Incoming::Prompt(request, Framing::Json),
                 Ok(JsonFrame::Cancel) => Incoming::Cancel,
@@ -85,7 +85,7 @@ impl Incoming {
 /// A JSON-mode message.
 #[derive(Debug)]
 enum JsonFrame {
-    Generate(GenerateRequest),
+    Generate(Box<GenerateRequest>),
     Cancel,
 }
 
@@ -137,7 +137,7 @@ impl<'de> Visitor<'de> for FrameSeed<'_> {
         let request = GenerateRequest::deserialize(MapAccessDeserializer::new(&mut fields))?;
         Ok(match fields.frame_type {
             Some(FrameType::Cancel) => JsonFrame::Cancel,
-            Some(FrameType::Generate) | None => JsonFrame::Generate(request),
+            Some(FrameType::Generate) | None => JsonFrame::Generate(Box::new(request)),
         })
     }
 }
@@ -194,7 +194,7 @@ mod tests {
 
     fn request(text: &str) -> GenerateRequest {
         match parse_json(text, "url-model") {
-            Ok(JsonFrame::Generate(request)) => request,
+            Ok(JsonFrame::Generate(request)) => *request,
             other => panic!("expected a request, got {other:?}"),
         }
     }

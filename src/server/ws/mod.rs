@@ -35,7 +35,11 @@ use self::{
     frame::{Framing, Incoming, Mode},
     queue::Queue,
 };
-use super::{AppState, connection::ClientGone, events::StreamEvent};
+use super::{
+    AppState,
+    connection::ClientGone,
+    events::{StreamEvent, TextPiece},
+};
 use crate::{
     auth::Caller,
     error::{Error, Result},
@@ -244,7 +248,7 @@ impl Session {
                     model = %self.loggable_model(&request.model),
                     key = self.caller.id(),
                 );
-                self.answer(request, framing, socket, queue)
+                self.answer(*request, framing, socket, queue)
                     .instrument(span)
                     .await?;
             }
@@ -345,14 +349,18 @@ impl Session {
                     continue;
                 }
                 Some(Ok(Chunk::Done(finish))) if !self.streaming => {
-                    let text = Chunk::Text(std::mem::take(&mut whole));
-                    self.send(socket, StreamEvent::from(Ok(text)), framing)
-                        .await?;
-                    StreamEvent::from(Ok(Chunk::Done(finish)))
+                    let text = StreamEvent::Chunk(TextPiece {
+                        text: std::mem::take(&mut whole),
+                    });
+                    self.send(socket, text, framing).await?;
+                    StreamEvent::Done(finish.into())
                 }
-                Some(item) => StreamEvent::from(item),
+                Some(item) => match StreamEvent::of(item) {
+                    Some(event) => event,
+                    None => continue,
+                },
             };
-            let last = !matches!(event, StreamEvent::Chunk(_));
+            let last = event.is_last();
             self.send(socket, event, framing).await?;
             if last {
                 return Ok(());
@@ -394,7 +402,10 @@ impl Session {
     ) -> Result<(), Ending> {
         let message = match (framing, event) {
             (Framing::Json, event) => Message::text(event.json()),
-            (_, StreamEvent::Done(_)) => return Ok(()),
+            // The tutorial's text mode carries text only.
+            (_, StreamEvent::Done(_) | StreamEvent::Reasoning(_) | StreamEvent::ToolCall(_)) => {
+                return Ok(());
+            }
             (Framing::Text, StreamEvent::Chunk(piece)) => Message::text(piece.text),
             (Framing::Binary, StreamEvent::Chunk(piece)) => Message::binary(piece.text),
             (Framing::Text, StreamEvent::Error(body)) => {
