@@ -39,6 +39,8 @@ pub enum Transport {
     Invoke,
     Sse,
     WebSocket,
+    /// `POST /v1/messages`, whole or streamed.
+    Anthropic,
 }
 
 impl Transport {
@@ -47,6 +49,7 @@ impl Transport {
             Transport::Invoke => "invoke",
             Transport::Sse => "sse",
             Transport::WebSocket => "ws",
+            Transport::Anthropic => "anthropic",
         }
     }
 }

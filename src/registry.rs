@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use crate::{
     config::{Config, ModelSpec},
     error::{Error, Result},
-    provider::{ChunkStream, ModelState, Provider, Shared, UsageMeter},
+    provider::{ChunkStream, ModelState, Provider, Shared, TokenCount, UsageMeter},
     request::{GenerateRequest, ValidRequest},
 };
 
@@ -100,6 +100,17 @@ impl Model {
 
     pub async fn stream(&self, request: ValidRequest, usage: UsageMeter) -> Result<ChunkStream> {
         self.provider.stream(request, usage).await
+    }
+
+    /// The input tokens `request` would use; a 400 naming the model where it cannot count.
+    pub async fn count_tokens(&self, request: ValidRequest) -> Result<u32> {
+        match self.provider.count_tokens(request).await? {
+            TokenCount::Counted(tokens) => Ok(tokens),
+            TokenCount::Unknown(why) => Err(Error::InvalidRequest(format!(
+                "model `{}` cannot count tokens: {why}",
+                self.spec.name
+            ))),
+        }
     }
 }
 

@@ -203,6 +203,20 @@ pub trait Provider: Send + Sync {
     fn availability(&self) -> Availability {
         Availability::READY
     }
+
+    /// The input tokens `request` would use, where the provider can count them (the
+    /// default: it cannot).
+    async fn count_tokens(&self, _request: ValidRequest) -> Result<TokenCount> {
+        Ok(TokenCount::Unknown("its provider has no way to count"))
+    }
+}
+
+/// What a provider can say of a request's input tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCount {
+    Counted(u32),
+    /// The provider cannot count them, and why.
+    Unknown(&'static str),
 }
 
 /// Concatenates a chunk stream into one answer.

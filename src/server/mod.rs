@@ -1,6 +1,7 @@
 //! The web server: the middleware around the routes (`routes.rs`), shared state, and the one
 //! place where errors become responses.
 
+mod anthropic;
 mod api;
 mod connection;
 mod events;
@@ -43,8 +44,13 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-fn api_service() -> OpenApiService<api::Api, ()> {
-    OpenApiService::new(api::Api, "modelgate", env!("CARGO_PKG_VERSION")).description(
+fn api_service() -> OpenApiService<(api::Api, anthropic::AnthropicApi), ()> {
+    OpenApiService::new(
+        (api::Api, anthropic::AnthropicApi),
+        "modelgate",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
         "A streaming gateway in front of large language models. `POST /invoke` answers \
              with the whole text; `/stream` streams it as Server-Sent Events; `/ws/model` \
              streams over WebSocket (see the README).",

@@ -55,7 +55,6 @@ const fn route(path: &'static str, allow: &'static str, access: Access, serve: S
 
 impl RouteSpec {
     /// A route of an API that imitates another service, whose clients expect its error shape.
-    #[allow(dead_code)]
     const fn errors(self, errors: ErrorShape) -> RouteSpec {
         RouteSpec { errors, ..self }
     }
@@ -90,6 +89,9 @@ pub const ROUTES: &[RouteSpec] = &[
     route("/stream", "GET, POST", Api, OpenApi),
     route("/ws/model", "GET", Api, Endpoint(super::ws::endpoint)),
     route("/metrics", "GET", Api, Endpoint(super::metrics)),
+    route("/v1/messages", "POST", Api, OpenApi).errors(super::anthropic::error_response),
+    route("/v1/messages/count_tokens", "POST", Api, OpenApi)
+        .errors(super::anthropic::error_response),
 ];
 
 /// The router of every [`Serve::Endpoint`] route, with the OpenAPI service at `/`.

@@ -11,7 +11,11 @@ mod llama3;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_bedrockruntime::{Client, primitives::Blob, types::ResponseStream};
+use aws_sdk_bedrockruntime::{
+    Client,
+    primitives::Blob,
+    types::{CountTokensInput, InvokeModelTokensRequest, ResponseStream},
+};
 use futures_util::StreamExt;
 
 pub use self::{
@@ -23,7 +27,7 @@ use self::{
     client::Credentials,
     error::{no_credentials, request_error, stream_error},
 };
-use super::{Availability, Chunk, ChunkStream, ModelState, Provider, UsageMeter};
+use super::{Availability, Chunk, ChunkStream, ModelState, Provider, TokenCount, UsageMeter};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
@@ -70,6 +74,31 @@ impl Provider for BedrockProvider {
             },
             None => Availability::READY,
         }
+    }
+
+    /// Bedrock's CountTokens, which serves Anthropic Claude models only (and not every one:
+    /// Bedrock's refusal is passed on), of the body the model would be sent.
+    async fn count_tokens(&self, request: ValidRequest) -> Result<TokenCount> {
+        if !self.spec.model_id.contains("anthropic.") {
+            return Ok(TokenCount::Unknown(
+                "Bedrock's CountTokens serves Anthropic Claude models only",
+            ));
+        }
+        let body = InvokeModelTokensRequest::builder()
+            .body(Blob::new(self.spec.format.request_body(&request)))
+            .build()
+            .map_err(|err| Error::Upstream(format!("cannot build the CountTokens request: {err}")))?;
+        let output = self
+            .client
+            .count_tokens()
+            .model_id(&self.spec.model_id)
+            .input(CountTokensInput::InvokeModel(body))
+            .send()
+            .await
+            .map_err(|err| request_error(err, &self.name))?;
+        Ok(TokenCount::Counted(
+            u32::try_from(output.input_tokens).unwrap_or_default(),
+        ))
     }
 
     async fn stream(&self, request: ValidRequest, spent: UsageMeter) -> Result<ChunkStream> {

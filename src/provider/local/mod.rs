@@ -23,9 +23,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 pub use self::config::{LocalConfig, LocalSpec, PackageWeights, Weights};
 use self::{
     generate::{Job, Sampling},
+    model::Vocabulary,
     pool::Pool,
 };
-use super::{Availability, ChunkStream, ModelState, Provider, UsageMeter};
+use super::{Availability, ChunkStream, ModelState, Provider, TokenCount, UsageMeter};
 use crate::{
     error::{Error, Result},
     request::ValidRequest,
@@ -41,8 +42,8 @@ enum State {
     Loading,
     Ready {
         pool: Pool<Job>,
-        /// The tokenizer's special tokens, kept out of user text.
-        special_tokens: Arc<SpecialTokens>,
+        /// The tokenizer and the chat template, to count a prompt's tokens.
+        vocabulary: Arc<Vocabulary>,
     },
     /// Why the model cannot be used.
     Failed(String),
@@ -59,16 +60,13 @@ impl LocalProvider {
             .spawn(move || {
                 let started = Instant::now();
                 let outcome = match load(&model, &spec) {
-                    Ok((pool, special_tokens)) => {
+                    Ok((pool, vocabulary)) => {
                         tracing::info!(
                             model,
                             secs = started.elapsed().as_secs_f32(),
                             "local model ready"
                         );
-                        State::Ready {
-                            pool,
-                            special_tokens,
-                        }
+                        State::Ready { pool, vocabulary }
                     }
                     Err(reason) => {
                         tracing::error!(model, "{reason}");
@@ -92,7 +90,7 @@ pub fn weights_path(model: &str, weights: &Weights) -> Result<PathBuf, String> {
     }
 }
 
-fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<SpecialTokens>), String> {
+fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<Vocabulary>), String> {
     let path = weights_path(model, &spec.weights)?;
     let started = Instant::now();
     let loaded = model::load(&path, spec.workers)
@@ -109,7 +107,7 @@ fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<SpecialTokens>)
         repeat_penalty: spec.repeat_penalty,
         seed: spec.seed,
     };
-    let special_tokens = loaded.vocabulary.special_tokens.clone();
+    let vocabulary = loaded.vocabulary.clone();
     let workers = loaded
         .networks
         .into_iter()
@@ -118,14 +116,14 @@ fn load(model: &str, spec: &LocalSpec) -> Result<(Pool<Job>, Arc<SpecialTokens>)
             move |job| generate::run(&mut network, &vocabulary, sampling, job)
         })
         .collect();
-    Ok((Pool::start(model, workers, spec.queue), special_tokens))
+    Ok((Pool::start(model, workers, spec.queue), vocabulary))
 }
 
 impl LocalProvider {
     /// `use_model` on the loaded model, or why it cannot be used now.
     fn when_ready<T>(
         &self,
-        use_model: impl FnOnce(&Pool<Job>, &Arc<SpecialTokens>) -> Result<T>,
+        use_model: impl FnOnce(&Pool<Job>, &Arc<Vocabulary>) -> Result<T>,
     ) -> Result<T> {
         match &*self.state.read().unwrap_or_else(PoisonError::into_inner) {
             State::Loading => Err(Error::ModelLoading(format!(
@@ -133,10 +131,7 @@ impl LocalProvider {
                 self.name
             ))),
             State::Failed(reason) => Err(Error::UpstreamUnavailable(reason.clone())),
-            State::Ready {
-                pool,
-                special_tokens,
-            } => use_model(pool, special_tokens),
+            State::Ready { pool, vocabulary } => use_model(pool, vocabulary),
         }
     }
 }
@@ -151,7 +146,23 @@ impl Provider for LocalProvider {
 
     /// Known once the model is loaded; until then requests get what `stream` would say.
     fn special_tokens(&self) -> Result<Option<Arc<SpecialTokens>>> {
-        self.when_ready(|_, special_tokens| Ok(Some(special_tokens.clone())))
+        self.when_ready(|_, vocabulary| Ok(Some(vocabulary.special_tokens.clone())))
+    }
+
+    /// The tokens of the whole prompt the model would read: the chat template rendered
+    /// around the conversation, as a generation tokenizes it.
+    async fn count_tokens(&self, request: ValidRequest) -> Result<TokenCount> {
+        let vocabulary = self.when_ready(|_, vocabulary| Ok(vocabulary.clone()))?;
+        tokio::task::spawn_blocking(move || {
+            let prompt = vocabulary.template.render(&request)?;
+            let encoding = vocabulary
+                .tokenizer
+                .encode(prompt, false)
+                .map_err(|err| Error::Upstream(format!("cannot tokenize the prompt: {err}")))?;
+            Ok(TokenCount::Counted(encoding.len() as u32))
+        })
+        .await
+        .map_err(|err| Error::Upstream(format!("counting tokens failed: {err}")))?
     }
 
     fn availability(&self) -> Availability {
