@@ -55,6 +55,8 @@ pub struct Recorded {
 pub enum Operation {
     Invoke,
     InvokeStream,
+    /// CountTokens of an InvokeModel body: answers the scenario's input tokens.
+    CountTokens,
 }
 
 /// How a response stream ended.
@@ -360,6 +362,19 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         );
     };
 
+    // CountTokens carries the InvokeModel body, base64, in `input.invokeModel.body`.
+    let (raw_body, body) = if operation == Operation::CountTokens {
+        let inner = body["input"]["invokeModel"]["body"]
+            .as_str()
+            .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok());
+        let Some(inner) = inner else {
+            return validation_error("CountTokens needs `input.invokeModel.body`, base64");
+        };
+        let parsed = serde_json::from_slice::<Value>(&inner).unwrap_or(Value::Null);
+        (inner, parsed)
+    } else {
+        (raw_body, body)
+    };
     if let Err(detail) = validate(family, &raw_body, &body) {
         return validation_error(&format!(
             "Malformed input request: {detail}, please reformat your input and try again."
@@ -406,6 +421,14 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         }
         Operation::Invoke => invoke_response(&ctx, &scenario),
         Operation::InvokeStream => stream_response(st, ctx, &scenario),
+        Operation::CountTokens => {
+            let (_, _, input_tokens) = reply_parts(&scenario);
+            Response::builder()
+                .status(StatusCode::OK)
+                .content_type("application/json")
+                .header("x-amzn-RequestId", request_id())
+                .body(json!({ "inputTokens": input_tokens }).to_string())
+        }
     }
 }
 
@@ -417,6 +440,8 @@ fn parse_path(path: &str) -> Option<(&str, Operation)> {
         (id, Operation::InvokeStream)
     } else if let Some(id) = rest.strip_suffix("/invoke") {
         (id, Operation::Invoke)
+    } else if let Some(id) = rest.strip_suffix("/count-tokens") {
+        (id, Operation::CountTokens)
     } else {
         return None;
     };

@@ -1,6 +1,7 @@
 //! Integration tests: the real `modelgate` binary, spoken to over real sockets, calling the
 //! real AWS SDK, which talks to an in-process emulator of Bedrock's wire protocol.
 
+mod anthropic;
 mod app;
 mod auth;
 mod cancellation;

@@ -87,7 +87,9 @@ impl Provider for BedrockProvider {
         let body = InvokeModelTokensRequest::builder()
             .body(Blob::new(self.spec.format.request_body(&request)))
             .build()
-            .map_err(|err| Error::Upstream(format!("cannot build the CountTokens request: {err}")))?;
+            .map_err(|err| {
+                Error::Upstream(format!("cannot build the CountTokens request: {err}"))
+            })?;
         let output = self
             .client
             .count_tokens()

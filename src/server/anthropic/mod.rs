@@ -30,8 +30,8 @@ use super::{
     AppState, api::note_model, connection::ClientGone, json_body::JsonBody, sse::EventStream,
 };
 use crate::{
-    auth::Caller, error::Error, generation::Transport, provider::collect,
-    request::GenerateRequest, telemetry::RequestNote,
+    auth::Caller, error::Error, generation::Transport, provider::collect, request::GenerateRequest,
+    telemetry::RequestNote,
 };
 
 pub struct AnthropicApi;
@@ -46,7 +46,11 @@ impl AnthropicApi {
     /// `message_delta` with the stop reason and the usage, `message_stop`; `error` if the
     /// answer fails after the stream began). The key goes in `x-api-key` (or
     /// `Authorization: Bearer`). Errors are `{"type": "error", "error": {"type", "message"}}`.
-    #[oai(path = "/v1/messages", method = "post", operation_id = "anthropicMessages")]
+    #[oai(
+        path = "/v1/messages",
+        method = "post",
+        operation_id = "anthropicMessages"
+    )]
     #[allow(clippy::too_many_arguments)]
     async fn messages(
         &self,
@@ -78,9 +82,8 @@ impl AnthropicApi {
                 note.upstream(upstream_wait);
             }
             let mut blocks = Blocks::new(stop);
-            let events = stream::iter(Blocks::start(AnswerMessage::empty(model))).chain(
-                generation.flat_map(move |item| stream::iter(blocks.events(item))),
-            );
+            let events = stream::iter(Blocks::start(AnswerMessage::empty(model)))
+                .chain(generation.flat_map(move |item| stream::iter(blocks.events(item))));
             return Ok(MessagesResponse::Stream(EventStream::new(
                 events,
                 state.gateway.settings.sse_keep_alive,

@@ -102,10 +102,7 @@ macro_rules! string_or_list {
                         f.write_str($expecting)
                     }
 
-                    fn visit_str<E: de::Error>(
-                        self,
-                        text: &str,
-                    ) -> std::result::Result<$name, E> {
+                    fn visit_str<E: de::Error>(self, text: &str) -> std::result::Result<$name, E> {
                         Ok($name::Text(text.to_owned()))
                     }
 
@@ -141,9 +138,22 @@ string_or_list!(
 #[oai(one_of, rename = "AnthropicSystemPrompt")]
 pub enum SystemPrompt {
     Text(String),
-    Blocks(Vec<TextInput>),
+    Blocks(Vec<SystemBlock>),
 }
-string_or_list!(SystemPrompt, TextInput, "a string or a list of text blocks");
+string_or_list!(
+    SystemPrompt,
+    SystemBlock,
+    "a string or a list of text blocks"
+);
+
+/// A block of the system prompt: text only.
+#[derive(Debug, Clone, Union, Deserialize)]
+#[oai(discriminator_name = "type", rename = "AnthropicSystemBlock")]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SystemBlock {
+    #[oai(mapping = "text")]
+    Text(TextInput),
+}
 
 /// A tool result's content: a string, or `text`, `image` and `document` blocks.
 #[derive(Debug, Clone, Union)]
@@ -428,9 +438,9 @@ impl Conversation {
             })
             .transpose()?;
         let tool_choice = match self.tool_choice {
-            None | Some(AnthropicToolChoice::Auto(_)) => {
-                tools.as_ref().map(|_| ToolChoice::Mode(ToolChoiceMode::Auto))
-            }
+            None | Some(AnthropicToolChoice::Auto(_)) => tools
+                .as_ref()
+                .map(|_| ToolChoice::Mode(ToolChoiceMode::Auto)),
             Some(AnthropicToolChoice::Any(_)) => Some(ToolChoice::Mode(ToolChoiceMode::Any)),
             Some(AnthropicToolChoice::Tool(named)) => {
                 Some(ToolChoice::Named(NamedTool { name: named.name }))
@@ -468,7 +478,7 @@ fn system_text(system: SystemPrompt) -> String {
         SystemPrompt::Text(text) => text,
         SystemPrompt::Blocks(blocks) => blocks
             .into_iter()
-            .map(|block| block.text)
+            .map(|SystemBlock::Text(block)| block.text)
             .collect::<Vec<_>>()
             .join("\n\n"),
     }

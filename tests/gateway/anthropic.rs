@@ -1,0 +1,576 @@
+//! Anthropic's Messages API, `/v1/messages` and `/v1/messages/count_tokens`, as the Anthropic
+//! SDKs and Claude Code speak it: the shapes, the order of the streamed events, Anthropic's
+//! error bodies on every refusal, what the upstream received, cancellation.
+
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp};
+use crate::client::{all_sse_events, sse_events};
+use crate::emulator::{NativeStop, Operation, Scenario};
+
+const KEY: &str = "sk-anthropic-test-key";
+
+fn hello(model: &str) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Hi"}],
+    })
+}
+
+/// Asserts Anthropic's error body with `status` and `kind`, and returns its message.
+async fn expect_anthropic_error(response: reqwest::Response, status: u16, kind: &str) -> String {
+    assert_eq!(response.status().as_u16(), status, "{}", response.url());
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], kind, "{body}");
+    body["error"]["message"]
+        .as_str()
+        .expect("an error message")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_message_has_anthropics_shape_and_the_model_gets_the_conversation() {
+    let app = TestApp::new().spawn().await;
+    let response = app
+        .post(
+            "/v1/messages",
+            &json!({
+                "model": "anthropic",
+                "max_tokens": 64,
+                "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "Greet the world"},
+                ],
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "stop_sequences": ["END"],
+                "metadata": {"user_id": "u-1"},
+            }),
+        )
+        .await;
+    let message: Value = response.json().await.unwrap();
+    assert!(
+        message["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_")),
+        "{message}"
+    );
+    assert_eq!(message["type"], "message");
+    assert_eq!(message["role"], "assistant");
+    assert_eq!(message["model"], "anthropic");
+    assert_eq!(
+        message["content"],
+        json!([{"type": "text", "text": "Hello, world!"}])
+    );
+    assert_eq!(message["stop_reason"], "end_turn");
+    assert_eq!(message["stop_sequence"], Value::Null);
+    assert_eq!(
+        message["usage"],
+        json!({"input_tokens": 7, "output_tokens": 4})
+    );
+    let sent = &app.emulator.requests()[0];
+    assert_eq!(sent.model_id, CLAUDE_ID);
+    assert_eq!(sent.body["system"], "Be brief.");
+    assert_eq!(sent.body["max_tokens"], 64);
+    assert_eq!(sent.body["temperature"], 0.2);
+    assert_eq!(sent.body["stop_sequences"], json!(["END"]));
+    assert_eq!(sent.body["messages"].as_array().unwrap().len(), 3);
+    assert_eq!(sent.body["messages"][0]["content"], "Hi");
+    assert_eq!(sent.body["messages"][2]["content"], "Greet the world");
+}
+
+#[tokio::test]
+async fn stop_reasons_and_the_stop_sequence_are_anthropics() {
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::reply(["Done"]).stopping(NativeStop::StopSequence),
+        )
+        .scenario(
+            LLAMA_ID,
+            Scenario::reply(["Cut"]).stopping(NativeStop::MaxTokens),
+        )
+        .spawn()
+        .await;
+    let stopped: Value = app
+        .post(
+            "/v1/messages",
+            &with(hello("anthropic"), json!({"stop_sequences": ["END"]})),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stopped["stop_reason"], "stop_sequence");
+    assert_eq!(stopped["stop_sequence"], "END");
+    let cut: Value = app
+        .post("/v1/messages", &hello("llama3"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cut["stop_reason"], "max_tokens");
+    assert_eq!(cut["content"][0]["text"], "Cut");
+}
+
+/// `base` with the fields of `overrides` set.
+fn with(mut base: Value, overrides: Value) -> Value {
+    for (field, value) in overrides.as_object().expect("an object") {
+        base[field] = value.clone();
+    }
+    base
+}
+
+fn event_names(events: &[crate::client::Sse]) -> Vec<&str> {
+    events.iter().map(|event| event.event.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_streamed_message_gives_anthropics_events_in_order_with_the_usage_at_the_end() {
+    let app = TestApp::new().spawn().await;
+    let response = app
+        .post(
+            "/v1/messages",
+            &with(hello("anthropic"), json!({"stream": true})),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = all_sse_events(response).await;
+    assert_eq!(
+        event_names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    for event in &events {
+        assert_eq!(event.data["type"], event.event, "{event:?}");
+    }
+    let start = &events[0].data["message"];
+    assert!(start["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(start["content"], json!([]));
+    assert_eq!(start["stop_reason"], Value::Null);
+    assert_eq!(
+        start["usage"],
+        json!({"input_tokens": 0, "output_tokens": 0})
+    );
+    assert_eq!(
+        events[2].data["content_block"],
+        json!({"type": "text", "text": ""})
+    );
+    let text: String = events[3..7]
+        .iter()
+        .map(|event| {
+            assert_eq!(event.data["index"], 0);
+            assert_eq!(event.data["delta"]["type"], "text_delta");
+            event.data["delta"]["text"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(text, "Hello, world!");
+    assert_eq!(events[7].data["index"], 0);
+    assert_eq!(
+        events[8].data["delta"],
+        json!({"stop_reason": "end_turn", "stop_sequence": null})
+    );
+    assert_eq!(
+        events[8].data["usage"],
+        json!({"input_tokens": 7, "output_tokens": 4})
+    );
+}
+
+#[tokio::test]
+async fn a_failure_after_the_stream_began_is_one_error_event_and_the_end() {
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::ExceptionAfter {
+                pieces: vec!["Hel".into()],
+                exception_type: "modelStreamErrorException".into(),
+                message: "the model broke".into(),
+            },
+        )
+        .spawn()
+        .await;
+    let response = app
+        .post(
+            "/v1/messages",
+            &with(hello("anthropic"), json!({"stream": true})),
+        )
+        .await;
+    let events = all_sse_events(response).await;
+    assert_eq!(
+        event_names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "error"
+        ]
+    );
+    let error = &events[4].data;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the model broke")
+    );
+}
+
+#[tokio::test]
+async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
+    let app = TestApp::new().spawn().await;
+    let missing = json!({"model": "anthropic", "messages": [{"role": "user", "content": "Hi"}]});
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &missing).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("max_tokens"), "{message}");
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &hello("nope")).await,
+        404,
+        "not_found_error",
+    )
+    .await;
+    assert!(message.contains("`nope`"), "{message}");
+    let remote_image = with(
+        hello("anthropic"),
+        json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+        ]}]}),
+    );
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &remote_image).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(
+        message.contains("messages[0].content[0].source") && message.contains("does not fetch"),
+        "{message}"
+    );
+    let image = with(
+        hello("llama3"),
+        json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+        ]}]}),
+    );
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &image).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(
+        message.contains("model `llama3` cannot take `image` blocks"),
+        "{message}"
+    );
+    for (field, value) in [
+        ("top_k", json!(5)),
+        (
+            "thinking",
+            json!({"type": "enabled", "budget_tokens": 1024}),
+        ),
+    ] {
+        let mut request = hello("anthropic");
+        request[field] = value;
+        let message = expect_anthropic_error(
+            app.post("/v1/messages", &request).await,
+            400,
+            "invalid_request_error",
+        )
+        .await;
+        assert!(
+            message.contains(&format!("does not take `{field}`"))
+                && message.contains("allow_request_additional_fields"),
+            "{message}"
+        );
+    }
+    let server_tool = with(
+        hello("anthropic"),
+        json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+    );
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &server_tool).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("server tool"), "{message}");
+    let not_json = reqwest::Client::new()
+        .post(format!("{}/v1/messages", app.url))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    expect_anthropic_error(not_json, 400, "invalid_request_error").await;
+    assert!(app.emulator.requests().is_empty());
+}
+
+#[tokio::test]
+async fn keys_limits_and_upstream_failures_map_to_the_sdks_error_classes() {
+    let app = TestApp::new()
+        .api_key("team", KEY, "requests_per_minute = 2")
+        .settings("max_body_bytes = 2000")
+        .scenario(
+            LLAMA_ID,
+            Scenario::HttpError {
+                status: 429,
+                error_type: "ThrottlingException".into(),
+                message: "Too many requests".into(),
+            },
+        )
+        .spawn()
+        .await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/messages", app.url);
+    let anonymous = client
+        .post(&url)
+        .json(&hello("anthropic"))
+        .send()
+        .await
+        .unwrap();
+    expect_anthropic_error(anonymous, 401, "authentication_error").await;
+    let wrong = client
+        .post(&url)
+        .header("x-api-key", "wrong")
+        .json(&hello("anthropic"))
+        .send()
+        .await
+        .unwrap();
+    expect_anthropic_error(wrong, 401, "authentication_error").await;
+    let huge = client
+        .post(&url)
+        .header("x-api-key", KEY)
+        .json(&with(
+            hello("anthropic"),
+            json!({"system": "x".repeat(3000)}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    expect_anthropic_error(huge, 413, "request_too_large").await;
+    let throttled = client
+        .post(&url)
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&hello("llama3"))
+        .send()
+        .await
+        .unwrap();
+    assert!(throttled.headers().contains_key("retry-after"));
+    expect_anthropic_error(throttled, 429, "rate_limit_error").await;
+    let served = client
+        .post(&url)
+        .header("authorization", format!("Bearer {KEY}"))
+        .json(&hello("anthropic"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let over_limit = client
+        .post(&url)
+        .header("x-api-key", KEY)
+        .json(&hello("anthropic"))
+        .send()
+        .await
+        .unwrap();
+    assert!(over_limit.headers().contains_key("retry-after"));
+    expect_anthropic_error(over_limit, 429, "rate_limit_error").await;
+}
+
+#[tokio::test]
+async fn an_unavailable_upstream_is_an_overloaded_error() {
+    let app = TestApp::new()
+        .scenario(
+            CLAUDE_ID,
+            Scenario::HttpError {
+                status: 503,
+                error_type: "ServiceUnavailableException".into(),
+                message: "busy".into(),
+            },
+        )
+        .spawn()
+        .await;
+    let response = app.post("/v1/messages", &hello("anthropic")).await;
+    expect_anthropic_error(response, 503, "overloaded_error").await;
+}
+
+#[tokio::test]
+async fn a_streaming_client_that_leaves_stops_the_upstream_call() {
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::stall(["thinking..."]))
+        .spawn()
+        .await;
+    let response = app
+        .post(
+            "/v1/messages",
+            &with(hello("anthropic"), json!({"stream": true})),
+        )
+        .await;
+    let mut events = sse_events(response);
+    let mut names = Vec::new();
+    while names.last().map(String::as_str) != Some("content_block_delta") {
+        names.push(events.next().await.unwrap().event);
+    }
+    drop(events);
+    app.assert_upstream_closed_within_a_second().await;
+}
+
+#[tokio::test]
+async fn a_waiting_client_that_leaves_stops_the_upstream_call() {
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::stall(["thinking..."]))
+        .spawn()
+        .await;
+    let request = tokio::spawn({
+        let url = format!("{}/v1/messages", app.url);
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&hello("anthropic"))
+                .send()
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while app.emulator.open_streams() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upstream call started");
+    request.abort();
+    app.assert_upstream_closed_within_a_second().await;
+}
+
+#[tokio::test]
+async fn count_tokens_asks_bedrock_for_claude_and_says_where_a_model_cannot_count() {
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::reply(["unused"]).input_tokens(42))
+        .spawn()
+        .await;
+    let request = json!({
+        "model": "anthropic",
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "How many tokens is this?"}],
+    });
+    let response = app.post("/v1/messages/count_tokens", &request).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"input_tokens": 42})
+    );
+    let sent = &app.emulator.requests()[0];
+    assert_eq!(sent.operation, Operation::CountTokens);
+    assert_eq!(sent.model_id, CLAUDE_ID);
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(sent.body["input"]["invokeModel"]["body"].as_str().unwrap())
+        .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["system"], "Be brief.");
+    assert_eq!(
+        body["messages"][0]["content"], "How many tokens is this?",
+        "{body}"
+    );
+    let llama = json!({"model": "llama3", "messages": [{"role": "user", "content": "Hi"}]});
+    let message = expect_anthropic_error(
+        app.post("/v1/messages/count_tokens", &llama).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(
+        message.starts_with("model `llama3` cannot count tokens"),
+        "{message}"
+    );
+    assert_eq!(app.emulator.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn the_routes_have_their_own_metrics_labels() {
+    let app: App = TestApp::new().spawn().await;
+    assert_eq!(
+        app.post("/v1/messages", &hello("anthropic")).await.status(),
+        200
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"modelgate_requests_total{route="/v1/messages",model="anthropic",status="200"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
+#[cfg(feature = "local")]
+mod local {
+    use super::*;
+    use crate::local::spawn_local;
+
+    #[tokio::test]
+    async fn the_local_model_answers_and_counts_its_prompt_with_its_tokenizer() {
+        let app = spawn_local(1).await;
+        let request = json!({
+            "model": "local",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Say hello"}],
+        });
+        let response = app.post("/v1/messages", &request).await;
+        assert_eq!(response.status(), 200);
+        let message: Value = response.json().await.unwrap();
+        assert_eq!(message["content"][0]["type"], "text");
+        let output_tokens = message["usage"]["output_tokens"].as_u64().unwrap();
+        assert!((1..=5).contains(&output_tokens), "{message}");
+        let input_tokens = message["usage"]["input_tokens"].as_u64().unwrap();
+        let counted: Value = app
+            .post(
+                "/v1/messages/count_tokens",
+                &json!({"model": "local", "messages": request["messages"]}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(counted["input_tokens"].as_u64(), Some(input_tokens));
+        let tools = with(
+            request.clone(),
+            json!({
+            "tools": [{"name": "weather", "input_schema": {"type": "object"}}]}),
+        );
+        let message = expect_anthropic_error(
+            app.post("/v1/messages", &tools).await,
+            400,
+            "invalid_request_error",
+        )
+        .await;
+        assert!(
+            message.contains("model `local` cannot take `tools`"),
+            "{message}"
+        );
+    }
+}
