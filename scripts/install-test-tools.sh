@@ -16,6 +16,13 @@ if ! "$tools/venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHES
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
+# The official Anthropic SDK, for the Messages API client tests (tests/gateway/anthropic.rs).
+ANTHROPIC_VERSION=2.14.0
+if ! "$tools/venv/bin/python" -c "import anthropic, sys; sys.exit(anthropic.__version__ != '$ANTHROPIC_VERSION')" 2>/dev/null; then
+  [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "anthropic==$ANTHROPIC_VERSION"
+fi
+
 # Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
 # chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
 if ! command -v chromium >/dev/null; then

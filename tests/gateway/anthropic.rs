@@ -2,13 +2,13 @@
 //! SDKs and Claude Code speak it: the shapes, the order of the streamed events, Anthropic's
 //! error bodies on every refusal, what the upstream received, cancellation.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use base64::Engine;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp};
+use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, sse_events};
 use crate::emulator::{NativeStop, Operation, Scenario};
 
@@ -527,6 +527,90 @@ async fn the_routes_have_their_own_metrics_labels() {
     );
 }
 
+/// The python of the virtual environment that `scripts/install-test-tools.sh` makes.
+fn venv_python() -> PathBuf {
+    let python =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the test tools are not installed: run scripts/install-test-tools.sh"
+    );
+    python
+}
+
+/// Runs suite `suite` of tests/compat/anthropic_client.py (the official `anthropic`
+/// package) against `app`, and fails with its output if any of its checks fails.
+async fn run_anthropic_client(suite: &str, app: &App, key: &str) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/compat/anthropic_client.py"
+    );
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(venv_python())
+            .arg(script)
+            .args([suite, &app.url, key])
+            .output(),
+    )
+    .await
+    .expect("the client finishes")
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the anthropic client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+const THROTTLED_ID: &str = "anthropic.claude-throttled-v1:0";
+const BUSY_ID: &str = "anthropic.claude-busy-v1:0";
+const BROKEN_ID: &str = "anthropic.claude-broken-v1:0";
+
+#[tokio::test]
+#[ignore = "needs the anthropic package: run scripts/install-test-tools.sh"]
+async fn the_anthropic_sdk_works_against_bedrock_models() {
+    let app = TestApp::new()
+        .api_key("sdk", KEY, "")
+        .registry(|url| {
+            let mut models = registry(url);
+            for (name, id) in [("throttled", THROTTLED_ID), ("busy", BUSY_ID), ("broken", BROKEN_ID)] {
+                models.push_str(&format!(
+                    "\n[[models]]\nname = \"{name}\"\nprovider = \"bedrock\"\nmodel_id = \"{id}\"\nformat = \"anthropic\"\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n"
+                ));
+            }
+            models
+        })
+        .scenario(
+            THROTTLED_ID,
+            Scenario::HttpError {
+                status: 429,
+                error_type: "ThrottlingException".into(),
+                message: "Too many requests".into(),
+            },
+        )
+        .scenario(
+            BUSY_ID,
+            Scenario::HttpError {
+                status: 503,
+                error_type: "ServiceUnavailableException".into(),
+                message: "busy".into(),
+            },
+        )
+        .scenario(
+            BROKEN_ID,
+            Scenario::ExceptionAfter {
+                pieces: vec!["Hel".into()],
+                exception_type: "modelStreamErrorException".into(),
+                message: "the model broke".into(),
+            },
+        )
+        .spawn()
+        .await;
+    run_anthropic_client("bedrock", &app, KEY).await;
+}
+
 #[cfg(feature = "local")]
 mod local {
     use super::*;
@@ -572,5 +656,12 @@ mod local {
             message.contains("model `local` cannot take `tools`"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the anthropic package: run scripts/install-test-tools.sh"]
+    async fn the_anthropic_sdk_works_against_the_local_model() {
+        let app = spawn_local(1).await;
+        run_anthropic_client("local", &app, "no-key-needed").await;
     }
 }
