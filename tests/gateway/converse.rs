@@ -534,3 +534,130 @@ async fn the_websocket_text_mode_stays_text() {
     socket.send(Message::text("Again")).await.unwrap();
     assert_eq!(next_text(&mut socket).await, "Hello");
 }
+
+#[tokio::test]
+async fn a_tool_call_cut_by_an_exception_is_an_error_and_its_tokens_still_count() {
+    let app = TestApp::new()
+        .registry(converse_registry(""))
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse()
+                .text(["one", " two"])
+                .tool_use("t1", "weather", ["{\"ci"])
+                .then_exception("throttlingException"),
+        )
+        .spawn()
+        .await;
+    let question =
+        json!({"messages": [{"role": "user", "content": "hi"}], "tools": weather_tool()});
+    let events = all_sse_events(
+        app.post(
+            "/stream",
+            &json!({"model": "claude", "prompt": "hi", "tools": weather_tool()}),
+        )
+        .await,
+    )
+    .await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        ["chunk", "chunk", "error"],
+        "no half tool call: {events:?}"
+    );
+    assert_eq!(events[2].data["error"]["code"], "throttled");
+    assert_eq!(
+        ask(&app, Transport::Invoke, &question).await,
+        Err("429 throttled".into())
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let expected = r#"modelgate_tokens_total{model="claude",key="none",direction="output"} 6"#;
+    assert!(
+        metrics.contains(expected),
+        "missing `{expected}` in:\n{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_tool_call_whose_input_is_not_json_is_an_upstream_error() {
+    let app = TestApp::new()
+        .registry(converse_registry(""))
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse().tool_use("t1", "weather", ["{\"city\": "]),
+        )
+        .spawn()
+        .await;
+    let question =
+        json!({"messages": [{"role": "user", "content": "hi"}], "tools": weather_tool()});
+    for transport in TRANSPORTS {
+        let expected = match transport {
+            Transport::Invoke => "502 upstream_error",
+            _ => "upstream_error",
+        };
+        assert_eq!(
+            ask(&app, transport, &question).await,
+            Err(expected.into()),
+            "{transport:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_emulator_refuses_what_bedrock_refuses_in_a_converse_request() {
+    use aws_sdk_bedrockruntime::types::{
+        ContentBlock, ConversationRole, Message as Turn, ToolUseBlock,
+    };
+    let emulator = crate::emulator::Emulator::start().await;
+    let client = crate::emulator_selftest::client(&emulator, false);
+    let turn = |role: ConversationRole, block: ContentBlock| {
+        Turn::builder().role(role).content(block).build().unwrap()
+    };
+    let call = ToolUseBlock::builder()
+        .tool_use_id("t1")
+        .name("weather")
+        .input(aws_smithy_types::Document::Object(Default::default()))
+        .build()
+        .unwrap();
+    let refusal = |turns: Vec<Turn>| {
+        let client = client.clone();
+        async move {
+            let err = client
+                .converse_stream()
+                .model_id("amazon.nova-pro-v1:0")
+                .set_messages(Some(turns))
+                .send()
+                .await
+                .expect_err("a ValidationException");
+            let err = err.into_service_error();
+            assert!(err.is_validation_exception(), "{err:?}");
+            err.meta().message().unwrap().to_owned()
+        }
+    };
+    assert_eq!(
+        refusal(vec![
+            turn(
+                ConversationRole::User,
+                ContentBlock::Text("Weather?".into())
+            ),
+            turn(ConversationRole::Assistant, ContentBlock::ToolUse(call)),
+        ])
+        .await,
+        "The toolConfig field must be defined when using toolUse and toolResult content blocks."
+    );
+    assert!(
+        refusal(vec![turn(
+            ConversationRole::Assistant,
+            ContentBlock::Text("Hi".into())
+        )])
+        .await
+        .starts_with("A conversation must start with a user message.")
+    );
+    assert!(
+        refusal(vec![turn(
+            ConversationRole::User,
+            ContentBlock::Text(" ".into())
+        )])
+        .await
+        .contains("is blank")
+    );
+}
