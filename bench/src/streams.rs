@@ -22,7 +22,7 @@ use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 
 use crate::{
     client::{Connection, connect_tcp},
-    clock,
+    clock, converse,
     invoke::histogram,
     mock::{self, Scenario},
 };
@@ -35,6 +35,10 @@ pub enum Transport {
     Sse,
     /// `/ws/model?streaming=1` (text mode) through the gateway.
     Ws,
+    /// The mock's ConverseStream, read directly: the baseline of `SseConverse`.
+    DirectConverse,
+    /// `GET /stream` through the gateway, of a model with `format = "converse"`.
+    SseConverse,
 }
 
 impl Transport {
@@ -43,8 +47,15 @@ impl Transport {
             Transport::Direct => "direct",
             Transport::Sse => "SSE",
             Transport::Ws => "WS",
+            Transport::DirectConverse => "direct ConverseStream",
+            Transport::SseConverse => "SSE via ConverseStream",
         }
     }
+}
+
+/// The registry name of the Converse model of `scenario` (`procs::registry`).
+pub fn converse_model(scenario: Scenario) -> String {
+    format!("converse-{}", scenario.name())
 }
 
 /// What a stream delivers to its client.
@@ -83,7 +94,10 @@ impl StreamClient {
         scenario: Scenario,
     ) -> anyhow::Result<StreamClient> {
         let inner = match transport {
-            Transport::Direct | Transport::Sse => Inner::Http {
+            Transport::Direct
+            | Transport::Sse
+            | Transport::DirectConverse
+            | Transport::SseConverse => Inner::Http {
                 connection: Connection::open(addr).await?,
                 body: None,
                 buffer: BytesMut::new(),
@@ -109,6 +123,16 @@ impl StreamClient {
                         "POST",
                         format!("/model/{}/invoke-with-response-stream", scenario.model_id()),
                         Bytes::from_static(br#"{"prompt":"hi","max_gen_len":512}"#),
+                    ),
+                    Transport::DirectConverse => (
+                        "POST",
+                        format!("/model/{}/converse-stream", scenario.model_id()),
+                        Bytes::from_static(converse::REQUEST),
+                    ),
+                    Transport::SseConverse => (
+                        "GET",
+                        format!("/stream?model={}&prompt=hi", converse_model(scenario)),
+                        Bytes::new(),
                     ),
                     _ => (
                         "GET",
@@ -224,6 +248,15 @@ fn parse_buffered(
             }
             DecodedFrame::Incomplete => Ok(None),
         };
+    }
+    if transport == Transport::DirectConverse {
+        // Only `contentBlockDelta` events carry text; the others are read past.
+        while let DecodedFrame::Complete(message) = decoder.decode_frame(&mut *buffer)? {
+            if let Some(stamp) = converse::stamp_of_frame(&message) {
+                return Ok(Some(Some(Event::Chunk { stamp, received })));
+            }
+        }
+        return Ok(None);
     }
     let Some(end) = buffer.windows(2).position(|pair| pair == b"\n\n") else {
         return Ok(None);
