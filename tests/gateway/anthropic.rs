@@ -4,12 +4,15 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use base64::Engine;
+use base64::Engine as _;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, sse_events};
+use crate::converse::{
+    CLAUDE_37, base64, converse_registry, last_converse, unbase64, weather_tool,
+};
 use crate::emulator::{NativeStop, Operation, Scenario};
 
 const KEY: &str = "sk-anthropic-test-key";
@@ -525,6 +528,322 @@ async fn the_routes_have_their_own_metrics_labels() {
         ),
         "{metrics}"
     );
+}
+
+/// The model `claude` (Converse) with per-request fields allowed, for `thinking` and `top_k`.
+fn converse_app() -> TestApp<'static> {
+    TestApp::new().registry(converse_registry("allow_request_additional_fields = true"))
+}
+
+fn ask_claude(overrides: Value) -> Value {
+    with(hello("claude"), overrides)
+}
+
+#[tokio::test]
+async fn a_tool_call_streams_as_a_tool_use_block_with_input_json_deltas() {
+    let app = converse_app()
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse().text(["Let me ", "check."]).tool_use(
+                "tooluse_1",
+                "weather",
+                ["{\"ci", "ty\": \"Pa", "ris\"}"],
+            ),
+        )
+        .spawn()
+        .await;
+    let question = ask_claude(json!({
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": weather_tool(),
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": true},
+        "stream": true,
+    }));
+    let events = all_sse_events(app.post("/v1/messages", &question).await).await;
+    assert_eq!(
+        event_names(&events),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    assert_eq!(
+        events[6].data,
+        json!({"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "tooluse_1", "name": "weather", "input": {}}})
+    );
+    let input: String = events[7..10]
+        .iter()
+        .map(|event| {
+            assert_eq!(event.data["index"], 1);
+            assert_eq!(event.data["delta"]["type"], "input_json_delta");
+            event.data["delta"]["partial_json"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&input).unwrap(),
+        json!({"city": "Paris"})
+    );
+    assert_eq!(events[10].data["index"], 1);
+    assert_eq!(events[11].data["delta"]["stop_reason"], "tool_use");
+    let sent = last_converse(&app).body;
+    assert_eq!(sent["toolConfig"]["toolChoice"], json!({"auto": {}}));
+    assert_eq!(
+        sent["toolConfig"]["tools"][0]["toolSpec"]["name"],
+        "weather"
+    );
+
+    let whole: Value = app
+        .post("/v1/messages", &with(question, json!({"stream": false})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        whole["content"],
+        json!([
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "tooluse_1", "name": "weather", "input": {"city": "Paris"}},
+        ])
+    );
+    assert_eq!(whole["stop_reason"], "tool_use");
+}
+
+#[tokio::test]
+async fn a_tool_result_goes_back_to_converse_and_tool_choice_names_a_tool() {
+    let app = converse_app()
+        .scenario(CLAUDE_37, Scenario::converse().text(["It is 18°C."]))
+        .spawn()
+        .await;
+    let answer_turn = ask_claude(json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "tooluse_1", "name": "weather", "input": {"city": "Paris"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "tooluse_1",
+                 "content": [{"type": "text", "text": "18°C"}], "cache_control": {"type": "ephemeral"}},
+            ]},
+        ],
+        "tools": weather_tool(),
+        "tool_choice": {"type": "tool", "name": "weather"},
+    }));
+    let answer: Value = app
+        .post("/v1/messages", &answer_turn)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["content"],
+        json!([{"type": "text", "text": "It is 18°C."}])
+    );
+    let sent = last_converse(&app).body;
+    assert_eq!(
+        sent["messages"][1]["content"][1],
+        json!({"toolUse": {"toolUseId": "tooluse_1", "name": "weather", "input": {"city": "Paris"}}})
+    );
+    assert_eq!(
+        sent["messages"][2]["content"][0],
+        json!({"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "18°C"}], "status": "success"}})
+    );
+    assert_eq!(
+        sent["toolConfig"]["toolChoice"],
+        json!({"tool": {"name": "weather"}})
+    );
+
+    // `none`: the model gets no tools; with tool calls in the conversation it cannot be.
+    let no_tools = ask_claude(json!({"tools": weather_tool(), "tool_choice": {"type": "none"}}));
+    assert_eq!(app.post("/v1/messages", &no_tools).await.status(), 200);
+    assert_eq!(last_converse(&app).body.get("toolConfig"), None);
+    let message = expect_anthropic_error(
+        app.post(
+            "/v1/messages",
+            &with(answer_turn, json!({"tool_choice": {"type": "none"}})),
+        )
+        .await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("`none`"), "{message}");
+}
+
+#[tokio::test]
+async fn thinking_streams_with_its_signature_and_is_passed_to_the_model_with_top_k() {
+    let app = converse_app()
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse()
+                .reasoning(["The user ", "greets me."], "sig-abc==")
+                .text(["Hello!"])
+                .cache_tokens(5, 3),
+        )
+        .spawn()
+        .await;
+    let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+    let request = ask_claude(json!({"thinking": thinking, "top_k": 40, "stream": true}));
+    let events = all_sse_events(app.post("/v1/messages", &request).await).await;
+    let blocks: Vec<Value> = events
+        .iter()
+        .filter(|event| event.event.starts_with("content_block"))
+        .map(|event| {
+            let mut data = event.data.clone();
+            data.as_object_mut().unwrap().remove("type");
+            data
+        })
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            json!({"index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+            json!({"index": 0, "delta": {"type": "thinking_delta", "thinking": "The user "}}),
+            json!({"index": 0, "delta": {"type": "thinking_delta", "thinking": "greets me."}}),
+            json!({"index": 0, "delta": {"type": "signature_delta", "signature": "sig-abc=="}}),
+            json!({"index": 0}),
+            json!({"index": 1, "content_block": {"type": "text", "text": ""}}),
+            json!({"index": 1, "delta": {"type": "text_delta", "text": "Hello!"}}),
+            json!({"index": 1}),
+        ]
+    );
+    let usage = &events[events.len() - 2].data["usage"];
+    assert_eq!(usage["cache_read_input_tokens"], 5, "{usage}");
+    assert_eq!(usage["cache_creation_input_tokens"], 3, "{usage}");
+    assert_eq!(
+        last_converse(&app).body["additionalModelRequestFields"],
+        json!({"thinking": thinking, "top_k": 40})
+    );
+
+    let whole: Value = app
+        .post("/v1/messages", &with(request, json!({"stream": false})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        whole["content"],
+        json!([
+            {"type": "thinking", "thinking": "The user greets me.", "signature": "sig-abc=="},
+            {"type": "text", "text": "Hello!"},
+        ])
+    );
+
+    // The next turn sends the thinking back, signed.
+    let next = ask_claude(json!({
+        "thinking": thinking,
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": whole["content"]},
+            {"role": "user", "content": "And?"},
+        ],
+    }));
+    assert_eq!(app.post("/v1/messages", &next).await.status(), 200);
+    assert_eq!(
+        last_converse(&app).body["messages"][1]["content"][0],
+        json!({"reasoningContent": {"reasoningText": {"text": "The user greets me.", "signature": "sig-abc=="}}})
+    );
+    let redacted = ask_claude(json!({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "xyz"}, {"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": "And?"},
+    ]}));
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &redacted).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("messages[1].content[0]"), "{message}");
+}
+
+#[tokio::test]
+async fn images_and_documents_reach_converse_byte_for_byte() {
+    let app = converse_app()
+        .scenario(CLAUDE_37, Scenario::converse().text(["A chart."]))
+        .spawn()
+        .await;
+    let image: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let pdf = b"%PDF-1.4 not really".to_vec();
+    let question = ask_claude(json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What are these?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": base64(&image)}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": base64(&pdf)}, "title": "Report: Q3/2024"},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain notes"}},
+    ]}]}));
+    let response = app.post("/v1/messages", &question).await;
+    assert_eq!(response.status(), 200);
+    let content = &last_converse(&app).body["messages"][0]["content"];
+    assert_eq!(content[1]["image"]["format"], "png");
+    assert_eq!(unbase64(&content[1]["image"]["source"]["bytes"]), image);
+    assert_eq!(content[2]["document"]["format"], "pdf");
+    assert_eq!(content[2]["document"]["name"], "Report Q32024");
+    assert_eq!(unbase64(&content[2]["document"]["source"]["bytes"]), pdf);
+    assert_eq!(content[3]["document"]["format"], "txt");
+    assert_eq!(
+        unbase64(&content[3]["document"]["source"]["bytes"]),
+        b"plain notes"
+    );
+}
+
+#[tokio::test]
+async fn count_tokens_of_a_converse_model_sends_the_converse_request() {
+    let app = converse_app()
+        .scenario(CLAUDE_37, Scenario::converse().input_tokens(33))
+        .spawn()
+        .await;
+    let request = json!({
+        "model": "claude",
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": weather_tool(),
+    });
+    let response = app.post("/v1/messages/count_tokens", &request).await;
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"input_tokens": 33})
+    );
+    let sent = app.emulator.requests().pop().unwrap();
+    assert_eq!(sent.operation, Operation::CountTokens);
+    let converse = &sent.body["input"]["converse"];
+    assert_eq!(converse["system"], json!([{"text": "Be brief."}]));
+    assert_eq!(
+        converse["messages"][0]["content"][0]["text"],
+        "Weather in Paris?"
+    );
+    assert_eq!(
+        converse["toolConfig"]["tools"][0]["toolSpec"]["name"],
+        "weather"
+    );
+}
+
+#[tokio::test]
+async fn a_guardrail_intervention_is_a_refusal() {
+    let app = converse_app()
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse().guardrail_intervention("Sorry, I cannot help with that."),
+        )
+        .spawn()
+        .await;
+    let answer: Value = app
+        .post("/v1/messages", &hello("claude"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["stop_reason"], "refusal", "{answer}");
 }
 
 /// The python of the virtual environment that `scripts/install-test-tools.sh` makes.
