@@ -136,6 +136,80 @@ def bedrock():
     )
     ok("error classes")
 
+    tools = [
+        {
+            "name": "weather",
+            "description": "The weather in a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    message = client.messages.create(
+        model="claude-tools", max_tokens=100, tools=tools, messages=question
+    )
+    assert message.stop_reason == "tool_use", message
+    assert [block.type for block in message.content] == ["text", "tool_use"], message
+    assert message.content[1].name == "weather", message
+    assert message.content[1].input == {"city": "Paris"}, message
+    with client.messages.stream(
+        model="claude-tools", max_tokens=100, tools=tools, messages=question
+    ) as stream:
+        fragments = [event.partial_json for event in stream if event.type == "input_json"]
+        final = stream.get_final_message()
+    assert len(fragments) == 3, fragments
+    assert final.content[1].input == {"city": "Paris"}, final
+    call = final.content[1]
+    answer_turn = question + [
+        {"role": "assistant", "content": final.content},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18°C"}],
+        },
+    ]
+    client.messages.create(model="claude-tools", max_tokens=100, tools=tools, messages=answer_turn)
+    ok("tools: a tool_use block, its input streamed, a tool_result round trip")
+
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    with client.messages.stream(
+        model="claude-thinking", max_tokens=2048, thinking=thinking, messages=HI
+    ) as stream:
+        thought = "".join(event.thinking for event in stream if event.type == "thinking")
+        final = stream.get_final_message()
+    assert thought == "The user greets me.", thought
+    assert final.content[0].type == "thinking", final
+    assert final.content[0].signature == "sig-abc==", final
+    assert final.content[1].text == "Hello!", final
+    client.messages.create(
+        model="claude-thinking",
+        max_tokens=2048,
+        thinking=thinking,
+        messages=HI
+        + [
+            {"role": "assistant", "content": final.content},
+            {"role": "user", "content": "And?"},
+        ],
+    )
+    ok("thinking: thinking and signature streamed, sent back in the next turn")
+
+    png = (
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    message = client.messages.create(
+        model="claude-thinking",
+        max_tokens=100,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+                ],
+            }
+        ],
+    )
+    assert message.content[-1].text == "Hello!", message
+    ok("an image")
+
     try:
         with client.messages.stream(model="broken", max_tokens=10, messages=HI) as stream:
             for _ in stream.text_stream:

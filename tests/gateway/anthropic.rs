@@ -886,6 +886,8 @@ async fn run_anthropic_client(suite: &str, app: &App, key: &str) {
 const THROTTLED_ID: &str = "anthropic.claude-throttled-v1:0";
 const BUSY_ID: &str = "anthropic.claude-busy-v1:0";
 const BROKEN_ID: &str = "anthropic.claude-broken-v1:0";
+const TOOLS_ID: &str = "us.anthropic.claude-tools-v1:0";
+const THINKING_ID: &str = "us.anthropic.claude-thinking-v1:0";
 
 #[tokio::test]
 #[ignore = "needs the anthropic package: run scripts/install-test-tools.sh"]
@@ -894,9 +896,20 @@ async fn the_anthropic_sdk_works_against_bedrock_models() {
         .api_key("sdk", KEY, "")
         .registry(|url| {
             let mut models = registry(url);
-            for (name, id) in [("throttled", THROTTLED_ID), ("busy", BUSY_ID), ("broken", BROKEN_ID)] {
+            let models_of_the_test = [
+                ("throttled", THROTTLED_ID, "anthropic"),
+                ("busy", BUSY_ID, "anthropic"),
+                ("broken", BROKEN_ID, "anthropic"),
+                ("claude-tools", TOOLS_ID, "converse"),
+                ("claude-thinking", THINKING_ID, "converse"),
+            ];
+            for (name, id, format) in models_of_the_test {
+                let fields = match format {
+                    "converse" => "allow_request_additional_fields = true",
+                    _ => "",
+                };
                 models.push_str(&format!(
-                    "\n[[models]]\nname = \"{name}\"\nprovider = \"bedrock\"\nmodel_id = \"{id}\"\nformat = \"anthropic\"\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n"
+                    "\n[[models]]\nname = \"{name}\"\nprovider = \"bedrock\"\nmodel_id = \"{id}\"\nformat = \"{format}\"\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n{fields}\n"
                 ));
             }
             models
@@ -924,6 +937,20 @@ async fn the_anthropic_sdk_works_against_bedrock_models() {
                 exception_type: "modelStreamErrorException".into(),
                 message: "the model broke".into(),
             },
+        )
+        .scenario(
+            TOOLS_ID,
+            Scenario::converse().text(["Let me ", "check."]).tool_use(
+                "tooluse_1",
+                "weather",
+                ["{\"ci", "ty\": \"Pa", "ris\"}"],
+            ),
+        )
+        .scenario(
+            THINKING_ID,
+            Scenario::converse()
+                .reasoning(["The user ", "greets me."], "sig-abc==")
+                .text(["Hello!"]),
         )
         .spawn()
         .await;
