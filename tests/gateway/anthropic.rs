@@ -91,6 +91,35 @@ async fn a_message_has_anthropics_shape_and_the_model_gets_the_conversation() {
 }
 
 #[tokio::test]
+async fn what_claude_code_sends_is_accepted() {
+    let app = TestApp::new().spawn().await;
+    let response = reqwest::Client::new()
+        // The SDK's `beta.messages` adds `?beta=true`.
+        .post(format!("{}/v1/messages?beta=true", app.url))
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "claude-code-20250219,interleaved-thinking-2025-05-14")
+        .json(&with(
+            hello("anthropic"),
+            json!({
+                "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}},
+                ]}],
+                "metadata": {"user_id": "user_abc_account__session_123"},
+                "temperature": 1,
+                "context_management": {"edits": []},
+                "stream": true,
+            }),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = all_sse_events(response).await;
+    assert_eq!(events.last().unwrap().event, "message_stop");
+}
+
+#[tokio::test]
 async fn stop_reasons_and_the_stop_sequence_are_anthropics() {
     let app = TestApp::new()
         .scenario(

@@ -54,6 +54,8 @@ pub struct MessagesRequest {
     pub metadata: Option<Value>,
     /// Accepted and ignored.
     pub service_tier: Option<String>,
+    /// Accepted and ignored (Claude Code sends it): the gateway does not edit the context.
+    pub context_management: Option<Value>,
     /// Answer as Server-Sent Events.
     pub stream: Option<bool>,
 }
