@@ -574,11 +574,7 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         .and_then(|s| s.as_str())
         .map(str::to_string);
 
-    let scenario = lock(&st)
-        .scenarios
-        .get(&model_id)
-        .cloned()
-        .unwrap_or_else(default_scenario);
+    let scenario = scripted(&st, &model_id);
 
     let kill = req
         .remote_addr()
@@ -591,14 +587,8 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         kill,
     };
 
-    if let Scenario::HttpError {
-        status,
-        error_type,
-        message,
-    } = &scenario
-    {
-        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return bedrock_error(status, error_type, message);
+    if let Some(refusal) = scripted_refusal(&scenario) {
+        return refusal;
     }
 
     let family = match (family, &scenario) {
@@ -627,6 +617,29 @@ async fn handle(st: Shared, mut req: Request) -> Response {
     }
 }
 
+/// What the test scripted for `model_id`.
+fn scripted(st: &Shared, model_id: &str) -> Scenario {
+    lock(st)
+        .scenarios
+        .get(model_id)
+        .cloned()
+        .unwrap_or_else(default_scenario)
+}
+
+/// The HTTP error a [`Scenario::HttpError`] answers with.
+fn scripted_refusal(scenario: &Scenario) -> Option<Response> {
+    let Scenario::HttpError {
+        status,
+        error_type,
+        message,
+    } = scenario
+    else {
+        return None;
+    };
+    let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Some(bedrock_error(status, error_type, message))
+}
+
 /// CountTokens: `input.invokeModel.body` (a native body, base64) or `input.converse` (a
 /// Converse request without model or inference settings), validated as the operation they
 /// stand for, answered with the scenario's input tokens.
@@ -652,19 +665,9 @@ fn count_tokens_response(st: &Shared, model_id: &str, body: &Value) -> Response 
     } else {
         return validation_error("`input` needs `invokeModel` or `converse`");
     }
-    let scenario = lock(st)
-        .scenarios
-        .get(model_id)
-        .cloned()
-        .unwrap_or_else(default_scenario);
-    if let Scenario::HttpError {
-        status,
-        error_type,
-        message,
-    } = &scenario
-    {
-        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return bedrock_error(status, error_type, message);
+    let scenario = scripted(st, model_id);
+    if let Some(refusal) = scripted_refusal(&scenario) {
+        return refusal;
     }
     let (input_tokens, _) = converse_usage(&scenario);
     Response::builder()

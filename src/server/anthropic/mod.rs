@@ -14,7 +14,7 @@ use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi,
     param::Header,
     payload::{Json, Payload},
-    registry::{MetaHeader, MetaMediaType, MetaResponse, MetaResponses, Registry},
+    registry::{MetaMediaType, MetaResponse, MetaResponses, Registry},
     types::{ToJSON, Type},
 };
 use strum::IntoEnumIterator;
@@ -291,59 +291,39 @@ impl From<AnthropicError> for poem::Error {
 }
 
 impl ApiResponse for AnthropicError {
+    /// The gateway's error responses (statuses, `Retry-After`), in Anthropic's shape, each
+    /// described by the error types it carries.
     fn meta() -> MetaResponses {
-        static DESCRIPTIONS: std::sync::OnceLock<Vec<(u16, String, bool)>> =
-            std::sync::OnceLock::new();
-        let documented = DESCRIPTIONS.get_or_init(|| {
-            let mut statuses: Vec<u16> = Error::iter()
-                .filter(|err| !matches!(err, Error::ClientClosed | Error::Cancelled))
-                .map(|err| err.status().as_u16())
-                .collect();
-            statuses.sort();
-            statuses.dedup();
-            statuses
-                .into_iter()
-                .map(|status| {
-                    let errors: Vec<Error> = Error::iter()
-                        .filter(|err| err.status().as_u16() == status)
-                        .collect();
-                    let mut types: Vec<&str> = errors.iter().map(error_type).collect();
-                    types.dedup();
-                    let described = types
-                        .iter()
-                        .map(|kind| format!("`{kind}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    let retry_after = errors.iter().any(|err| err.retry_after().is_some());
-                    (status, described, retry_after)
-                })
-                .collect()
+        static TYPES: std::sync::OnceLock<Vec<(u16, String)>> = std::sync::OnceLock::new();
+        let types = TYPES.get_or_init(|| {
+            let mut types: Vec<(u16, String)> = Vec::new();
+            for err in Error::iter() {
+                let (status, kind) = (err.status().as_u16(), format!("`{}`", error_type(&err)));
+                match types.iter_mut().find(|(known, _)| *known == status) {
+                    Some((_, kinds)) if !kinds.contains(&kind) => {
+                        kinds.push_str(", ");
+                        kinds.push_str(&kind);
+                    }
+                    Some(_) => {}
+                    None => types.push((status, kind)),
+                }
+            }
+            types
         });
-        MetaResponses {
-            responses: documented
+        let mut meta = Error::meta();
+        for response in &mut meta.responses {
+            if let Some((_, kinds)) = types
                 .iter()
-                .map(|(status, description, retry_after)| MetaResponse {
-                    description,
-                    status: Some(*status),
-                    status_range: None,
-                    content: vec![MetaMediaType {
-                        content_type: "application/json; charset=utf-8",
-                        schema: ErrorBody::schema_ref(),
-                    }],
-                    headers: if *retry_after {
-                        vec![MetaHeader {
-                            name: "Retry-After".to_owned(),
-                            description: Some("Seconds to wait before retrying".to_owned()),
-                            required: false,
-                            deprecated: false,
-                            schema: u64::schema_ref(),
-                        }]
-                    } else {
-                        vec![]
-                    },
-                })
-                .collect(),
+                .find(|(status, _)| Some(*status) == response.status)
+            {
+                response.description = kinds;
+            }
+            response.content = vec![MetaMediaType {
+                content_type: "application/json; charset=utf-8",
+                schema: ErrorBody::schema_ref(),
+            }];
         }
+        meta
     }
 
     fn register(registry: &mut Registry) {
