@@ -453,6 +453,40 @@ async fn an_unavailable_upstream_is_an_overloaded_error() {
 }
 
 #[tokio::test]
+async fn the_models_timeouts_hold_and_are_timeout_errors() {
+    let app = TestApp::new()
+        .registry(|url| {
+            registry(url).replacen(
+                "endpoint_url",
+                "upstream = { first_token_timeout = \"400ms\", idle_timeout = \"400ms\" }\nendpoint_url",
+                1,
+            )
+        })
+        .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
+        .spawn()
+        .await;
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &hello("llama3")).await,
+        504,
+        "timeout_error",
+    )
+    .await;
+    assert!(message.contains("first token"), "{message}");
+    app.emulator
+        .script(LLAMA_ID, Scenario::stall(["thinking..."]));
+    let response = app
+        .post(
+            "/v1/messages",
+            &with(hello("llama3"), json!({"stream": true})),
+        )
+        .await;
+    let events = all_sse_events(response).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(last.data["error"]["type"], "timeout_error", "{last:?}");
+}
+
+#[tokio::test]
 async fn a_streaming_client_that_leaves_stops_the_upstream_call() {
     let app = TestApp::new()
         .scenario(CLAUDE_ID, Scenario::stall(["thinking..."]))
