@@ -407,6 +407,21 @@ async fn prompt_caching_puts_cache_points_and_reports_cache_tokens() {
             json!({"cachePoint": {"type": "default"}})
         );
     }
+    // This model does not allow per-request fields.
+    let message = expect_error(
+        app.post(
+            "/invoke",
+            &json!({"model": "claude", "prompt": "hi", "additional_fields": {"top_k": 5}}),
+        )
+        .await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(
+        message.contains("allow_request_additional_fields"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
