@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{ACCESS_KEY, App, TestApp, registry};
 use crate::client::{all_sse_events, connect, connect_json, expect_error, next_json, next_text};
-use crate::emulator::{ASSUMED_ACCESS_KEY, Operation, Recorded, Scenario};
+use crate::emulator::{ASSUMED_ACCESS_KEY, DENIED_ROLE_SUFFIX, Operation, Recorded, Scenario};
 
 /// A Claude 3.7 inference profile id: Converse is inferred for it.
 pub const CLAUDE_37: &str = "us.anthropic.claude-3-7-sonnet-20250219-v1:0";
@@ -463,6 +463,31 @@ async fn a_model_with_a_role_calls_bedrock_with_the_assumed_credentials() {
         .await;
     let native = app.emulator.requests().pop().unwrap();
     assert_eq!(native.access_key(), Some(ACCESS_KEY));
+}
+
+#[tokio::test]
+async fn a_role_that_cannot_be_assumed_fails_the_request_with_sts_reason() {
+    let fields = format!("role_arn = \"arn:aws:iam::210987654321{DENIED_ROLE_SUFFIX}\"");
+    let app = TestApp::new()
+        .registry(converse_registry(&fields))
+        .env_from_emulator("AWS_ENDPOINT_URL_STS")
+        .spawn()
+        .await;
+    let message = expect_error(
+        app.post("/invoke", &json!({"model": "claude", "prompt": "hi"}))
+            .await,
+        503,
+        "upstream_unavailable",
+    )
+    .await;
+    assert!(
+        message.contains("not authorized to perform: sts:AssumeRole"),
+        "{message}"
+    );
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reaches Bedrock"
+    );
 }
 
 #[tokio::test]

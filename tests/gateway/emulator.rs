@@ -77,6 +77,8 @@ pub struct AssumedRole {
 
 /// The access key of the temporary credentials every `AssumeRole` call gets.
 pub const ASSUMED_ACCESS_KEY: &str = "ASIAEMULATORASSUMED1";
+/// `AssumeRole` of a role ARN ending with this is refused with `AccessDenied`.
+pub const DENIED_ROLE_SUFFIX: &str = ":role/denied";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
@@ -1790,6 +1792,15 @@ async fn sts(st: Shared, mut req: Request) -> Response {
         session_name: Some(session_name.clone()),
         authorization,
     });
+    if role_arn.ends_with(DENIED_ROLE_SUFFIX) {
+        return sts_error(
+            StatusCode::FORBIDDEN,
+            "AccessDenied",
+            &format!(
+                "User: arn:aws:iam::123456789012:user/gateway is not authorized to perform: sts:AssumeRole on resource: {role_arn}"
+            ),
+        );
+    }
     let expiration = std::time::SystemTime::now() + Duration::from_secs(3600);
     let expiration = aws_smithy_types::DateTime::from(expiration)
         .fmt(aws_smithy_types::date_time::Format::DateTime)
