@@ -13,7 +13,14 @@ mod llama3;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_bedrockruntime::{Client, primitives::Blob, types::ResponseStream};
+use aws_sdk_bedrockruntime::{
+    Client,
+    primitives::{Blob, event_stream::EventReceiver},
+    types::{
+        ConverseStreamOutput, ResponseStream,
+        error::{ConverseStreamOutputError, ResponseStreamError},
+    },
+};
 use futures_util::StreamExt;
 
 use self::format::Native;
@@ -101,35 +108,12 @@ impl BedrockProvider {
             .send()
             .await
             .map_err(|err| request_error(err, &self.name))?;
-        let mut decoder = native.stream_decoder(&request);
-        let mut events = output.body;
-        let name = self.name.clone();
-        // Dropping this stream drops `events` and with it the HTTP response: the upstream
-        // connection closes and Bedrock stops generating.
-        Ok(async_stream::try_stream! {
-            let failure = loop {
-                let payload = match events.recv().await {
-                    Ok(Some(ResponseStream::Chunk(part))) => part.bytes,
-                    Ok(Some(_)) => continue,
-                    Ok(None) => break ended_early(&name),
-                    Err(err) => break stream_error(err, &name),
-                };
-                let chunks = match decoder.decode(payload.as_ref().map(Blob::as_ref).unwrap_or_default()) {
-                    Ok(chunks) => chunks,
-                    Err(err) => break err,
-                };
-                for chunk in chunks {
-                    let done = matches!(chunk, Chunk::Done(_));
-                    yield chunk;
-                    if done {
-                        return;
-                    }
-                }
-            };
-            report_partial(&spent, decoder.usage(), &name);
-            Err(failure)?;
-        }
-        .boxed())
+        let events = NativeEvents {
+            events: output.body,
+            decoder: native.stream_decoder(&request),
+            name: self.name.clone(),
+        };
+        Ok(pump(events, spent))
     }
 
     async fn converse_stream(
@@ -146,33 +130,100 @@ impl BedrockProvider {
         .send()
         .await
         .map_err(|err| request_error(err, &self.name))?;
-        let mut decoder = converse::StreamDecoder::default();
-        let mut events = output.stream;
-        let name = self.name.clone();
-        // As for the native stream: dropping it closes the upstream connection.
-        Ok(async_stream::try_stream! {
-            let failure = loop {
-                let event = match events.recv().await {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break ended_early(&name),
-                    Err(err) => break stream_error(err, &name),
-                };
-                let chunks = match decoder.decode(event) {
-                    Ok(chunks) => chunks,
-                    Err(err) => break err,
-                };
-                for chunk in chunks {
-                    let done = matches!(chunk, Chunk::Done(_));
-                    yield chunk;
-                    if done {
-                        return;
-                    }
-                }
+        let events = ConverseEvents {
+            events: output.stream,
+            decoder: converse::StreamDecoder::default(),
+            name: self.name.clone(),
+        };
+        Ok(pump(events, spent))
+    }
+}
+
+/// An answer's event stream, decoded.
+trait Events: Send + 'static {
+    /// The chunks of the next event (none for an event that carries none); an error when
+    /// the stream fails, or ends before the answer is complete.
+    fn next(&mut self) -> impl Future<Output = Result<Vec<Chunk>>> + Send;
+    /// The tokens the model has reported (or the decoder counted) so far.
+    fn usage(&self) -> Usage;
+    /// The registry name of the model, for messages.
+    fn model(&self) -> &str;
+}
+
+/// Yields the events' chunks until `Done`. An answer that fails midway reports its usage
+/// so far, then ends with the error. Dropping the stream drops the events and with them
+/// the HTTP response: the upstream connection closes and Bedrock stops generating.
+fn pump(mut events: impl Events, spent: UsageMeter) -> ChunkStream {
+    async_stream::try_stream! {
+        let failure = loop {
+            let chunks = match events.next().await {
+                Ok(chunks) => chunks,
+                Err(err) => break err,
             };
-            report_partial(&spent, decoder.usage(), &name);
-            Err(failure)?;
+            for chunk in chunks {
+                let done = matches!(chunk, Chunk::Done(_));
+                yield chunk;
+                if done {
+                    return;
+                }
+            }
+        };
+        report_partial(&spent, events.usage(), events.model());
+        Err(failure)?;
+    }
+    .boxed()
+}
+
+/// InvokeModelWithResponseStream's `chunk` events, in a native body format.
+struct NativeEvents {
+    events: EventReceiver<ResponseStream, ResponseStreamError>,
+    decoder: format::StreamDecoder,
+    name: String,
+}
+
+impl Events for NativeEvents {
+    async fn next(&mut self) -> Result<Vec<Chunk>> {
+        match self.events.recv().await {
+            Ok(Some(ResponseStream::Chunk(part))) => self
+                .decoder
+                .decode(part.bytes.as_ref().map(Blob::as_ref).unwrap_or_default()),
+            Ok(Some(_)) => Ok(vec![]),
+            Ok(None) => Err(ended_early(&self.name)),
+            Err(err) => Err(stream_error(err, &self.name)),
         }
-        .boxed())
+    }
+
+    fn usage(&self) -> Usage {
+        self.decoder.usage()
+    }
+
+    fn model(&self) -> &str {
+        &self.name
+    }
+}
+
+/// ConverseStream's typed events.
+struct ConverseEvents {
+    events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
+    decoder: converse::StreamDecoder,
+    name: String,
+}
+
+impl Events for ConverseEvents {
+    async fn next(&mut self) -> Result<Vec<Chunk>> {
+        match self.events.recv().await {
+            Ok(Some(event)) => self.decoder.decode(event),
+            Ok(None) => Err(ended_early(&self.name)),
+            Err(err) => Err(stream_error(err, &self.name)),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        self.decoder.usage()
+    }
+
+    fn model(&self) -> &str {
+        &self.name
     }
 }
 
