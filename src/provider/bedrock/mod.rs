@@ -15,11 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use aws_sdk_bedrockruntime::{
     Client,
+    error::ProvideErrorMetadata,
     primitives::{Blob, event_stream::EventReceiver},
-    types::{
-        ConverseStreamOutput, ResponseStream,
-        error::{ConverseStreamOutputError, ResponseStreamError},
-    },
+    types::{ConverseStreamOutput, ResponseStream},
 };
 use futures_util::StreamExt;
 
@@ -108,12 +106,12 @@ impl BedrockProvider {
             .send()
             .await
             .map_err(|err| request_error(err, &self.name))?;
-        let events = NativeEvents {
+        let upstream = Upstream {
             events: output.body,
             decoder: native.stream_decoder(&request),
             name: self.name.clone(),
         };
-        Ok(pump(events, spent))
+        Ok(pump(upstream, spent))
     }
 
     async fn converse_stream(
@@ -130,33 +128,74 @@ impl BedrockProvider {
         .send()
         .await
         .map_err(|err| request_error(err, &self.name))?;
-        let events = ConverseEvents {
+        let upstream = Upstream {
             events: output.stream,
             decoder: converse::StreamDecoder::default(),
             name: self.name.clone(),
         };
-        Ok(pump(events, spent))
+        Ok(pump(upstream, spent))
     }
 }
 
-/// An answer's event stream, decoded.
-trait Events: Send + 'static {
-    /// The chunks of the next event (none for an event that carries none); an error when
-    /// the stream fails, or ends before the answer is complete.
-    fn next(&mut self) -> impl Future<Output = Result<Vec<Chunk>>> + Send;
+/// An answer's event stream, and its decoder.
+struct Upstream<T, E, D> {
+    events: EventReceiver<T, E>,
+    decoder: D,
+    /// The registry name of the model, for messages.
+    name: String,
+}
+
+/// Turns an operation's stream events into chunks.
+trait Decode<T> {
+    /// The chunks of one event (none for an event that carries none).
+    fn decode_event(&mut self, event: T) -> Result<Vec<Chunk>>;
     /// The tokens the model has reported (or the decoder counted) so far.
     fn usage(&self) -> Usage;
-    /// The registry name of the model, for messages.
-    fn model(&self) -> &str;
+}
+
+/// InvokeModelWithResponseStream's `chunk` events hold a native body format's JSON.
+impl Decode<ResponseStream> for format::StreamDecoder {
+    fn decode_event(&mut self, event: ResponseStream) -> Result<Vec<Chunk>> {
+        match event {
+            ResponseStream::Chunk(part) => {
+                self.decode(part.bytes.as_ref().map(Blob::as_ref).unwrap_or_default())
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        format::StreamDecoder::usage(self)
+    }
+}
+
+impl Decode<ConverseStreamOutput> for converse::StreamDecoder {
+    fn decode_event(&mut self, event: ConverseStreamOutput) -> Result<Vec<Chunk>> {
+        self.decode(event)
+    }
+
+    fn usage(&self) -> Usage {
+        converse::StreamDecoder::usage(self)
+    }
 }
 
 /// Yields the events' chunks until `Done`. An answer that fails midway reports its usage
 /// so far, then ends with the error. Dropping the stream drops the events and with them
 /// the HTTP response: the upstream connection closes and Bedrock stops generating.
-fn pump(mut events: impl Events, spent: UsageMeter) -> ChunkStream {
+fn pump<T, E, D>(mut upstream: Upstream<T, E, D>, spent: UsageMeter) -> ChunkStream
+where
+    T: Send + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    D: Decode<T> + Send + 'static,
+{
     async_stream::try_stream! {
         let failure = loop {
-            let chunks = match events.next().await {
+            let chunks = match upstream.events.recv().await {
+                Ok(Some(event)) => upstream.decoder.decode_event(event),
+                Ok(None) => Err(ended_early(&upstream.name)),
+                Err(err) => Err(stream_error(err, &upstream.name)),
+            };
+            let chunks = match chunks {
                 Ok(chunks) => chunks,
                 Err(err) => break err,
             };
@@ -168,63 +207,10 @@ fn pump(mut events: impl Events, spent: UsageMeter) -> ChunkStream {
                 }
             }
         };
-        report_partial(&spent, events.usage(), events.model());
+        report_partial(&spent, upstream.decoder.usage(), &upstream.name);
         Err(failure)?;
     }
     .boxed()
-}
-
-/// InvokeModelWithResponseStream's `chunk` events, in a native body format.
-struct NativeEvents {
-    events: EventReceiver<ResponseStream, ResponseStreamError>,
-    decoder: format::StreamDecoder,
-    name: String,
-}
-
-impl Events for NativeEvents {
-    async fn next(&mut self) -> Result<Vec<Chunk>> {
-        match self.events.recv().await {
-            Ok(Some(ResponseStream::Chunk(part))) => self
-                .decoder
-                .decode(part.bytes.as_ref().map(Blob::as_ref).unwrap_or_default()),
-            Ok(Some(_)) => Ok(vec![]),
-            Ok(None) => Err(ended_early(&self.name)),
-            Err(err) => Err(stream_error(err, &self.name)),
-        }
-    }
-
-    fn usage(&self) -> Usage {
-        self.decoder.usage()
-    }
-
-    fn model(&self) -> &str {
-        &self.name
-    }
-}
-
-/// ConverseStream's typed events.
-struct ConverseEvents {
-    events: EventReceiver<ConverseStreamOutput, ConverseStreamOutputError>,
-    decoder: converse::StreamDecoder,
-    name: String,
-}
-
-impl Events for ConverseEvents {
-    async fn next(&mut self) -> Result<Vec<Chunk>> {
-        match self.events.recv().await {
-            Ok(Some(event)) => self.decoder.decode(event),
-            Ok(None) => Err(ended_early(&self.name)),
-            Err(err) => Err(stream_error(err, &self.name)),
-        }
-    }
-
-    fn usage(&self) -> Usage {
-        self.decoder.usage()
-    }
-
-    fn model(&self) -> &str {
-        &self.name
-    }
 }
 
 fn ended_early(name: &str) -> Error {
