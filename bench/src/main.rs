@@ -193,7 +193,7 @@ impl Bench {
                 &format!("{name} first chunk p50"),
                 "µs",
                 micros(&through, 50.0),
-                Some(micros(&direct, 50.0)),
+                Some(micros(direct, 50.0)),
                 Derived::Added,
                 None,
             );
@@ -201,7 +201,7 @@ impl Bench {
                 &format!("{name} first chunk p99"),
                 "µs",
                 micros(&through, 99.0),
-                Some(micros(&direct, 99.0)),
+                Some(micros(direct, 99.0)),
                 Derived::Added,
                 Some(Goal {
                     text: "added < 200 µs",
