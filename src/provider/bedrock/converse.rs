@@ -88,10 +88,8 @@ pub fn request(
     if let Some(overrides) = &request.additional_fields {
         merge(&mut fields, overrides);
     }
-    if let Value::Object(fields) = &fields
-        && !fields.is_empty()
-    {
-        call = call.additional_model_request_fields(document(&Value::Object(fields.clone())));
+    if fields.as_object().is_some_and(|fields| !fields.is_empty()) {
+        call = call.additional_model_request_fields(document(&fields));
     }
     Ok(call)
 }
