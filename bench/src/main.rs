@@ -229,8 +229,8 @@ impl Bench {
                     streams::paced(transport, gateway.addr, n, || gateway.cpu_seconds()).await?;
                 self.record_paced(n, transport, &through, &direct);
             }
-            // ConverseStream beside InvokeModelWithResponseStream, at the goal's 1000 streams.
-            if n == CONCURRENT[CONCURRENT.len() - 1] {
+            // ConverseStream beside InvokeModelWithResponseStream, at 100 and 1000 streams.
+            if CONCURRENT.contains(&n) {
                 let direct =
                     streams::paced(Transport::DirectConverse, mock.addr, n, || 0.0).await?;
                 let through = streams::paced(Transport::SseConverse, gateway.addr, n, || {
