@@ -2,13 +2,17 @@
 //! assumed roles, through every transport, as the emulator's ConverseStream answers them and
 //! as it received the requests.
 
+use std::time::Duration;
+
 use base64::Engine as _;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{ACCESS_KEY, App, TestApp, registry};
-use crate::client::{all_sse_events, connect, connect_json, expect_error, next_json, next_text};
+use crate::client::{
+    all_sse_events, connect, connect_json, expect_error, next_json, next_text, sse_events,
+};
 use crate::emulator::{ASSUMED_ACCESS_KEY, DENIED_ROLE_SUFFIX, Operation, Recorded, Scenario};
 
 /// A Claude 3.7 inference profile id: Converse is inferred for it.
@@ -700,4 +704,30 @@ async fn the_emulator_refuses_what_bedrock_refuses_in_a_converse_request() {
         .await
         .contains("is blank")
     );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_in_the_middle_of_a_tool_call_stops_the_converse_stream() {
+    let app = TestApp::new()
+        .registry(converse_registry(""))
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse()
+                .text(["Calling."])
+                .tool_use("t1", "weather", ["{\"city\"", ": \"Paris\"", "}"])
+                // The emulator sees a client leave on its next write: one every 300 ms.
+                .paced(Duration::from_millis(300)),
+        )
+        .spawn()
+        .await;
+    let response = app
+        .post(
+            "/stream",
+            &json!({"model": "claude", "prompt": "Weather?", "tools": weather_tool()}),
+        )
+        .await;
+    let mut events = sse_events(response);
+    assert_eq!(events.next().await.unwrap().event, "chunk");
+    drop(events);
+    app.assert_upstream_closed_within_a_second().await;
 }
