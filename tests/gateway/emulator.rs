@@ -217,7 +217,6 @@ impl Scenario {
         }
     }
 
-    /// A [`Scenario::Reply`] with its pieces `pace` apart.
     /// Stall after these pieces (see [`Scenario::Stall`]).
     pub fn stall(pieces: impl IntoIterator<Item = impl ToString>) -> Scenario {
         Scenario::Stall {
@@ -225,6 +224,7 @@ impl Scenario {
         }
     }
 
+    /// A [`Scenario::Reply`] or Converse answer with its pieces `every` apart.
     pub fn paced(mut self, every: Duration) -> Scenario {
         match &mut self {
             Scenario::Converse(answer) => answer.pace = every,
@@ -239,7 +239,7 @@ impl Scenario {
         self
     }
 
-    /// A [`Scenario::Reply`] that reports `count` input tokens.
+    /// A [`Scenario::Reply`] or Converse answer that reports `count` input tokens.
     pub fn input_tokens(mut self, count: u32) -> Scenario {
         match &mut self {
             Scenario::Converse(answer) => answer.input_tokens = count,
