@@ -193,7 +193,7 @@ impl Bench {
                 &format!("{name} first chunk p50"),
                 "µs",
                 micros(&through, 50.0),
-                Some(micros(&direct, 50.0)),
+                Some(micros(direct, 50.0)),
                 Derived::Added,
                 None,
             );
@@ -201,7 +201,7 @@ impl Bench {
                 &format!("{name} first chunk p99"),
                 "µs",
                 micros(&through, 99.0),
-                Some(micros(&direct, 99.0)),
+                Some(micros(direct, 99.0)),
                 Derived::Added,
                 Some(Goal {
                     text: "added < 200 µs",
@@ -229,8 +229,8 @@ impl Bench {
                     streams::paced(transport, gateway.addr, n, || gateway.cpu_seconds()).await?;
                 self.record_paced(n, transport, &through, &direct);
             }
-            // ConverseStream beside InvokeModelWithResponseStream, at the goal's 1000 streams.
-            if n == CONCURRENT[CONCURRENT.len() - 1] {
+            // ConverseStream beside InvokeModelWithResponseStream, at 100 and 1000 streams.
+            if CONCURRENT.contains(&n) {
                 let direct =
                     streams::paced(Transport::DirectConverse, mock.addr, n, || 0.0).await?;
                 let through = streams::paced(Transport::SseConverse, gateway.addr, n, || {
