@@ -341,6 +341,14 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
             "{message}"
         );
     }
+    let empty_stop = with(hello("anthropic"), json!({"stop_sequences": [""]}));
+    let message = expect_anthropic_error(
+        app.post("/v1/messages", &empty_stop).await,
+        400,
+        "invalid_request_error",
+    )
+    .await;
+    assert!(message.contains("`stop_sequences`"), "{message}");
     let server_tool = with(
         hello("anthropic"),
         json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),

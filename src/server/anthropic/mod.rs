@@ -279,8 +279,17 @@ pub fn error_response(err: &Error) -> Response {
 pub struct AnthropicError(Error);
 
 impl From<Error> for AnthropicError {
+    /// The gateway's validation names its own fields and blocks; the client sent Anthropic's.
     fn from(err: Error) -> Self {
-        AnthropicError(err)
+        AnthropicError(match err {
+            Error::InvalidRequest(message) => Error::InvalidRequest(
+                message
+                    .replace("`stop`", "`stop_sequences`")
+                    .replace("`stop[", "`stop_sequences[")
+                    .replace("`reasoning` block", "`thinking` block"),
+            ),
+            other => other,
+        })
     }
 }
 
@@ -345,5 +354,26 @@ mod tests {
         assert_eq!(response.headers()["Retry-After"], "7");
         let response = error_response(&Error::UnknownModel("x".into()));
         assert_eq!(response.status().as_u16(), 404);
+    }
+
+    #[test]
+    fn validation_messages_name_anthropics_fields() {
+        let renamed = |message: &str| {
+            AnthropicError::from(Error::InvalidRequest(message.into()))
+                .0
+                .to_string()
+        };
+        assert_eq!(
+            renamed("`stop[2]` has 300 characters"),
+            "`stop_sequences[2]` has 300 characters"
+        );
+        assert_eq!(
+            renamed("`stop` sequences must not be empty"),
+            "`stop_sequences` sequences must not be empty"
+        );
+        assert_eq!(
+            renamed("model `m` cannot take `reasoning` blocks (`messages[1].content[0]`)"),
+            "model `m` cannot take `thinking` blocks (`messages[1].content[0]`)"
+        );
     }
 }
