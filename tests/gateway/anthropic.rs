@@ -349,6 +349,12 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
     )
     .await;
     assert!(message.contains("`stop_sequences`"), "{message}");
+    let thinking_off = with(
+        hello("anthropic"),
+        json!({"thinking": {"type": "disabled"}}),
+    );
+    assert_eq!(app.post("/v1/messages", &thinking_off).await.status(), 200);
+    assert_eq!(app.emulator.requests()[0].body.get("thinking"), None);
     let server_tool = with(
         hello("anthropic"),
         json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
@@ -368,7 +374,11 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
         .await
         .unwrap();
     expect_anthropic_error(not_json, 400, "invalid_request_error").await;
-    assert!(app.emulator.requests().is_empty());
+    assert_eq!(
+        app.emulator.requests().len(),
+        1,
+        "only the request with thinking off reached the model"
+    );
 }
 
 #[tokio::test]

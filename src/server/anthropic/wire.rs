@@ -43,7 +43,8 @@ pub struct MessagesRequest {
     /// `allow_request_additional_fields = true`.
     pub top_k: Option<u32>,
     /// Extended thinking, e.g. `{"type": "enabled", "budget_tokens": 2048}`. Passed to the
-    /// model as an additional request field, like `top_k`.
+    /// model as an additional request field, like `top_k` (`{"type": "disabled"}` is
+    /// accepted by every model).
     pub thinking: Option<Value>,
     /// Tools the model may call (models with `format = "converse"`).
     pub tools: Option<Vec<ToolDefinition>>,
@@ -408,7 +409,11 @@ impl Conversation {
                         .into(),
                 );
             }
-            additional_fields.insert("thinking".into(), thinking);
+            // Thinking turned off is what a model without per-request fields does anyway.
+            let disabled = thinking["type"] == "disabled";
+            if additional_fields_allowed || !disabled {
+                additional_fields.insert("thinking".into(), thinking);
+            }
         }
         if let Some(field) = additional_fields.keys().next()
             && !additional_fields_allowed
@@ -450,10 +455,7 @@ impl Conversation {
             Some(AnthropicToolChoice::None(_)) => {
                 // Bedrock has no "none": the model is given no tools at all, which it can
                 // only be when the conversation holds no tool calls.
-                let holds_tool_calls = messages.iter().any(|message| {
-                    matches!(&message.content, MessageContent::Blocks(blocks) if blocks.iter().any(|block| matches!(block, ContentBlock::ToolUse(_) | ContentBlock::ToolResult(_))))
-                });
-                if holds_tool_calls {
+                if messages.iter().any(holds_tool_calls) {
                     return invalid(
                         "`tool_choice` `none` cannot be honoured for a conversation that holds tool calls (the model must be given the tools); leave `tool_choice` out".into(),
                     );
@@ -473,6 +475,18 @@ impl Conversation {
             ..GenerateRequest::default()
         })
     }
+}
+
+fn holds_tool_calls(message: &ChatMessage) -> bool {
+    let MessageContent::Blocks(blocks) = &message.content else {
+        return false;
+    };
+    blocks.iter().any(|block| {
+        matches!(
+            block,
+            ContentBlock::ToolUse(_) | ContentBlock::ToolResult(_)
+        )
+    })
 }
 
 fn system_text(system: SystemPrompt) -> String {
