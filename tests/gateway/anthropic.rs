@@ -25,6 +25,16 @@ fn hello(model: &str) -> Value {
     })
 }
 
+/// Posts `body` to `/v1/messages`, asserts a 400 `invalid_request_error`, returns its message.
+async fn refused(app: &App, body: &Value) -> String {
+    expect_anthropic_error(
+        app.post("/v1/messages", body).await,
+        400,
+        "invalid_request_error",
+    )
+    .await
+}
+
 /// Asserts Anthropic's error body with `status` and `kind`, and returns its message.
 async fn expect_anthropic_error(response: reqwest::Response, status: u16, kind: &str) -> String {
     assert_eq!(response.status().as_u16(), status, "{}", response.url());
@@ -272,12 +282,7 @@ async fn a_failure_after_the_stream_began_is_one_error_event_and_the_end() {
 async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
     let app = TestApp::new().spawn().await;
     let missing = json!({"model": "anthropic", "messages": [{"role": "user", "content": "Hi"}]});
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &missing).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &missing).await;
     assert!(message.contains("max_tokens"), "{message}");
     let message = expect_anthropic_error(
         app.post("/v1/messages", &hello("nope")).await,
@@ -293,12 +298,7 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
             {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
         ]}]}),
     );
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &remote_image).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &remote_image).await;
     assert!(
         message.contains("messages[0].content[0].source") && message.contains("does not fetch"),
         "{message}"
@@ -310,12 +310,7 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
         ]}]}),
     );
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &image).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &image).await;
     assert!(
         message.contains("model `llama3` cannot take `image` blocks"),
         "{message}"
@@ -329,12 +324,7 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
     ] {
         let mut request = hello("anthropic");
         request[field] = value;
-        let message = expect_anthropic_error(
-            app.post("/v1/messages", &request).await,
-            400,
-            "invalid_request_error",
-        )
-        .await;
+        let message = refused(&app, &request).await;
         assert!(
             message.contains(&format!("does not take `{field}`"))
                 && message.contains("allow_request_additional_fields"),
@@ -342,12 +332,7 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
         );
     }
     let empty_stop = with(hello("anthropic"), json!({"stop_sequences": [""]}));
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &empty_stop).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &empty_stop).await;
     assert!(message.contains("`stop_sequences`"), "{message}");
     let thinking_off = with(
         hello("anthropic"),
@@ -359,12 +344,7 @@ async fn requests_are_refused_in_anthropics_shape_naming_what_is_wrong() {
         hello("anthropic"),
         json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
     );
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &server_tool).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &server_tool).await;
     assert!(message.contains("server tool"), "{message}");
     let not_json = reqwest::Client::new()
         .post(format!("{}/v1/messages", app.url))
@@ -840,12 +820,7 @@ async fn thinking_streams_with_its_signature_and_is_passed_to_the_model_with_top
         {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "xyz"}, {"type": "text", "text": "Hello!"}]},
         {"role": "user", "content": "And?"},
     ]}));
-    let message = expect_anthropic_error(
-        app.post("/v1/messages", &redacted).await,
-        400,
-        "invalid_request_error",
-    )
-    .await;
+    let message = refused(&app, &redacted).await;
     assert!(message.contains("messages[1].content[0]"), "{message}");
 }
 
@@ -1073,12 +1048,7 @@ mod local {
             json!({
             "tools": [{"name": "weather", "input_schema": {"type": "object"}}]}),
         );
-        let message = expect_anthropic_error(
-            app.post("/v1/messages", &tools).await,
-            400,
-            "invalid_request_error",
-        )
-        .await;
+        let message = refused(&app, &tools).await;
         assert!(
             message.contains("model `local` cannot take `tools`"),
             "{message}"
