@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
+use crate::cancellation::upstream_open;
 use crate::client::{all_sse_events, sse_events};
 use crate::converse::{
     CLAUDE_37, base64, converse_registry, last_converse, unbase64, weather_tool,
@@ -23,6 +24,13 @@ fn hello(model: &str) -> Value {
         "max_tokens": 100,
         "messages": [{"role": "user", "content": "Hi"}],
     })
+}
+
+/// Posts `body` to `/v1/messages`, asserts a 200, returns the message.
+async fn whole_message(app: &App, body: &Value) -> Value {
+    let response = app.post("/v1/messages", body).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("a JSON message")
 }
 
 /// Posts `body` to `/v1/messages`, asserts a 400 `invalid_request_error`, returns its message.
@@ -153,12 +161,7 @@ async fn stop_reasons_and_the_stop_sequence_are_anthropics() {
         .unwrap();
     assert_eq!(stopped["stop_reason"], "stop_sequence");
     assert_eq!(stopped["stop_sequence"], "END");
-    let cut: Value = app
-        .post("/v1/messages", &hello("llama3"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cut: Value = whole_message(&app, &hello("llama3")).await;
     assert_eq!(cut["stop_reason"], "max_tokens");
     assert_eq!(cut["content"][0]["text"], "Cut");
 }
@@ -521,13 +524,7 @@ async fn a_waiting_client_that_leaves_stops_the_upstream_call() {
                 .await
         }
     });
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while app.emulator.open_streams() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the upstream call started");
+    upstream_open(&app).await;
     request.abort();
     app.assert_upstream_closed_within_a_second().await;
 }
@@ -664,12 +661,7 @@ async fn a_tool_call_streams_as_a_tool_use_block_with_input_json_deltas() {
         "weather"
     );
 
-    let whole: Value = app
-        .post("/v1/messages", &with(question, json!({"stream": false})))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let whole: Value = whole_message(&app, &with(question, json!({"stream": false}))).await;
     assert_eq!(
         whole["content"],
         json!([
@@ -701,12 +693,7 @@ async fn a_tool_result_goes_back_to_converse_and_tool_choice_names_a_tool() {
         "tools": weather_tool(),
         "tool_choice": {"type": "tool", "name": "weather"},
     }));
-    let answer: Value = app
-        .post("/v1/messages", &answer_turn)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = whole_message(&app, &answer_turn).await;
     assert_eq!(
         answer["content"],
         json!([{"type": "text", "text": "It is 18°C."}])
@@ -787,12 +774,7 @@ async fn thinking_streams_with_its_signature_and_is_passed_to_the_model_with_top
         json!({"thinking": thinking, "top_k": 40})
     );
 
-    let whole: Value = app
-        .post("/v1/messages", &with(request, json!({"stream": false})))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let whole: Value = whole_message(&app, &with(request, json!({"stream": false}))).await;
     assert_eq!(
         whole["content"],
         json!([
@@ -893,12 +875,7 @@ async fn a_guardrail_intervention_is_a_refusal() {
         )
         .spawn()
         .await;
-    let answer: Value = app
-        .post("/v1/messages", &hello("claude"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = whole_message(&app, &hello("claude")).await;
     assert_eq!(answer["stop_reason"], "refusal", "{answer}");
 }
 
