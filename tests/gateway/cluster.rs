@@ -31,8 +31,24 @@ pub async fn wait_until<F: Future<Output = bool>>(
     within: Duration,
     mut condition: impl FnMut() -> F,
 ) {
+    wait_for(what, within, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+}
+
+/// Waits until `probe` gives something, polling every 50 ms; panics with `what` after `within`.
+pub async fn wait_for<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + within;
-    while !condition().await {
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -119,6 +135,16 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().and_then(Child::id), libc::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().and_then(Child::id), libc::SIGCONT);
     }
 
     /// Starts it again, empty, on the same port.

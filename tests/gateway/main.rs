@@ -6,6 +6,7 @@ mod auth;
 mod cancellation;
 mod client;
 mod cluster;
+mod cluster_limits;
 mod emulator;
 mod emulator_selftest;
 mod faults;
