@@ -7,6 +7,7 @@ mod cancellation;
 mod client;
 mod cluster;
 mod cluster_limits;
+mod container;
 mod emulator;
 mod emulator_selftest;
 mod faults;
