@@ -249,6 +249,9 @@ async fn with_redis_down_and_on_redis_error_allow_requests_are_served_logged_and
     }
     // A Redis that does not answer at all costs a request no more than `redis_timeout`.
     redis.restart().await;
+    for app in &apps {
+        wait_for_redis(&app.url, "ok").await;
+    }
     redis.pause();
     let started = Instant::now();
     assert_eq!(invoke(&apps[1].url, BUSY_KEY, 16).await.status(), 200);
