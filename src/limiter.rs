@@ -24,6 +24,7 @@ use std::{
 };
 
 use redis::Script;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     cluster::{Cluster, Redis},
@@ -68,10 +69,12 @@ enum Held {
 }
 
 impl Limiter {
-    pub fn new(keys: &[ApiKeySpec], cluster: &Cluster) -> Limiter {
+    /// `work`: where releases and settlements run, so that a graceful shutdown waits for them.
+    pub fn new(keys: &[ApiKeySpec], cluster: &Cluster, work: &TaskTracker) -> Limiter {
         match cluster.redis() {
             Some(redis) => Limiter::Redis(Shared {
                 redis: redis.clone(),
+                work: work.clone(),
             }),
             None => Limiter::InProcess(InProcess::new(keys)),
         }
@@ -429,6 +432,7 @@ impl Budget {
 /// replicas' clocks need not agree.
 pub struct Shared {
     redis: Redis,
+    work: TaskTracker,
 }
 
 /// The Redis keys of one API key's limits.
@@ -443,6 +447,7 @@ struct KeyNames {
 
 struct RedisHold {
     redis: Redis,
+    work: TaskTracker,
     names: KeyNames,
     limits: KeyLimits,
     /// Empty without `concurrent_streams`.
@@ -627,6 +632,7 @@ impl Shared {
             used: AtomicU64::new(0),
             held: Held::Redis(RedisHold {
                 redis: self.redis.clone(),
+                work: self.work.clone(),
                 names,
                 limits,
                 lease,
@@ -657,7 +663,8 @@ async fn renew(redis: Redis, leases: String, lease: String) {
 }
 
 impl RedisHold {
-    /// Stops the renewal, then releases the lease and settles, off the request's path.
+    /// Stops the renewal, then releases the lease and settles, off the request's path (but
+    /// tracked: a graceful shutdown releases its leases instead of leaving them to expire).
     fn finish(&mut self, reserved: u64, used: u64) {
         if let Some(renewal) = self.renewal.take() {
             renewal.abort();
@@ -673,7 +680,7 @@ impl RedisHold {
         let names = self.names.clone();
         let lease = std::mem::take(&mut self.lease);
         let limits = self.limits;
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             let mut connection = redis.connection();
             let mut invocation = scripts().2.prepare_invoke();
             invocation
