@@ -65,7 +65,7 @@ enum Held {
         state: Arc<Mutex<KeyState>>,
         lease: bool,
     },
-    Redis(RedisHold),
+    Redis(Box<RedisHold>),
 }
 
 impl Limiter {
@@ -630,14 +630,14 @@ impl Shared {
         Ok(Admission {
             reserved: reserve,
             used: AtomicU64::new(0),
-            held: Held::Redis(RedisHold {
+            held: Held::Redis(Box::new(RedisHold {
                 redis: self.redis.clone(),
                 work: self.work.clone(),
                 names,
                 limits,
                 lease,
                 renewal,
-            }),
+            })),
         })
     }
 }
