@@ -395,9 +395,14 @@ impl Gcra {
         let tat = self.tat.map_or(now, |tat| tat.max(now));
         let moved = cells * interval;
         self.tat = Some(if moved >= 0.0 {
-            tat + Duration::from_secs_f64(moved)
+            Duration::try_from_secs_f64(moved)
+                .ok()
+                .and_then(|moved| tat.checked_add(moved))
+                .unwrap_or(tat)
         } else {
-            tat.checked_sub(Duration::from_secs_f64(-moved))
+            Duration::try_from_secs_f64(-moved)
+                .ok()
+                .and_then(|moved| tat.checked_sub(moved))
                 .unwrap_or(now)
         });
     }
