@@ -16,6 +16,7 @@ mod invoke;
 mod limits;
 #[cfg(feature = "local")]
 mod local;
+mod openai;
 mod operations;
 mod schema;
 mod service;
