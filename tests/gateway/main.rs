@@ -17,6 +17,7 @@ mod limits;
 #[cfg(feature = "local")]
 mod local;
 mod openai;
+mod openai_compat;
 mod operations;
 mod schema;
 mod service;
