@@ -11,6 +11,7 @@ mod clock;
 mod connections;
 mod invoke;
 mod mock;
+mod openai;
 mod procs;
 mod profile;
 mod report;
@@ -62,6 +63,8 @@ enum Section {
     Stream,
     Scale,
     Invoke,
+    /// `/v1/chat/completions` next to `/invoke` and `/stream`.
+    Openai,
     Profile,
 }
 
@@ -89,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             Section::Stream,
             Section::Scale,
             Section::Invoke,
+            Section::Openai,
             Section::Profile,
         ]
     } else {
@@ -147,6 +151,10 @@ impl Bench {
                     Section::Stream => self.stream(&mock).await?,
                     Section::Scale => self.scale(&mock).await?,
                     Section::Invoke => self.invoke(&mock).await?,
+                    Section::Openai => {
+                        let gateway = self.gateway(&mock)?;
+                        openai::measure(&mut self.report, &gateway).await?
+                    }
                     Section::Profile => {}
                 }
             }
