@@ -17,71 +17,85 @@ use crate::{
     request::{ChatMessage as Message, GenerateRequest, Role},
 };
 
-/// Options of OpenAI's API that the gateway cannot honour, with the values that ask for
-/// nothing (accepted, as SDKs and tools send them) and what a refusal says.
-const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
-    (
+/// An option of OpenAI's API that the gateway cannot honour: the values that ask for nothing
+/// (accepted, as SDKs and tools send them), and what a refusal says.
+struct Unsupported {
+    name: &'static str,
+    neutral: fn(&Value) -> bool,
+    why: &'static str,
+}
+
+const fn unsupported(
+    name: &'static str,
+    neutral: fn(&Value) -> bool,
+    why: &'static str,
+) -> Unsupported {
+    Unsupported { name, neutral, why }
+}
+
+const UNSUPPORTED: &[Unsupported] = &[
+    unsupported(
         "n",
         |v| v.as_u64() == Some(1),
         "one choice is generated (`n: 1`)",
     ),
-    (
+    unsupported(
         "logprobs",
         |v| v == &Value::Bool(false),
         "log probabilities are not available",
     ),
-    (
+    unsupported(
         "top_logprobs",
         |v| v.as_u64() == Some(0),
         "log probabilities are not available",
     ),
-    (
+    unsupported(
         "response_format",
         |v| v.get("type").and_then(Value::as_str) == Some("text"),
         "only `{\"type\": \"text\"}` is: ask for JSON in the prompt, or use `tools`",
     ),
-    ("audio", |_| false, "the models answer in text"),
-    (
+    unsupported("audio", |_| false, "the models answer in text"),
+    unsupported(
         "modalities",
         |v| v.as_array().is_some_and(|m| m.iter().all(|m| m == "text")),
         "the models answer in text",
     ),
-    (
+    unsupported(
         "prediction",
         |_| false,
         "predicted outputs are not available",
     ),
-    ("seed", |_| false, "the models cannot be seeded"),
-    (
+    unsupported("seed", |_| false, "the models cannot be seeded"),
+    unsupported(
         "logit_bias",
         |v| v.as_object().is_some_and(Map::is_empty),
         "the models take no token biases",
     ),
-    ("presence_penalty", is_zero, "the models take no penalties"),
-    ("frequency_penalty", is_zero, "the models take no penalties"),
-    (
+    unsupported("presence_penalty", is_zero, "the models take no penalties"),
+    unsupported("frequency_penalty", is_zero, "the models take no penalties"),
+    unsupported(
         "parallel_tool_calls",
         |v| v == &Value::Bool(true),
         "the models may always call several tools at once",
     ),
-    (
+    unsupported(
         "reasoning_effort",
         |_| false,
         "set reasoning in the model's configuration",
     ),
-    (
+    unsupported(
         "web_search_options",
         |_| false,
         "the gateway does not search the web",
     ),
-    ("functions", |_| false, "use `tools`"),
-    ("function_call", |_| false, "use `tool_choice`"),
-    (
+    unsupported("functions", |_| false, "use `tools`"),
+    unsupported("function_call", |_| false, "use `tool_choice`"),
+    unsupported(
         "store",
         |v| v == &Value::Bool(false),
         "the gateway stores nothing",
     ),
-    (
+    unsupported(
         "service_tier",
         |v| matches!(v.as_str(), Some("auto" | "default")),
         "the models have one tier",
@@ -113,7 +127,7 @@ struct Names {
 
 pub fn translate(openai: ChatCompletionRequest) -> Result<Translated> {
     let invalid = |message: String| Err(Error::InvalidRequest(message));
-    for (name, neutral, why) in UNSUPPORTED {
+    for Unsupported { name, neutral, why } in UNSUPPORTED {
         if let Some(value) = openai.others.get(*name)
             && !value.is_null()
             && !neutral(value)
