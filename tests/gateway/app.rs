@@ -71,6 +71,8 @@ pub struct TestApp<'a> {
     api_keys: Vec<String>,
     credentials: bool,
     env: Vec<(String, String)>,
+    /// Environment variables set to the emulator's URL.
+    emulator_env: Vec<String>,
     nofile: Option<u64>,
     scenarios: Vec<(&'static str, Scenario)>,
 }
@@ -83,6 +85,7 @@ impl Default for TestApp<'_> {
             api_keys: Vec::new(),
             credentials: true,
             env: Vec::new(),
+            emulator_env: Vec::new(),
             nofile: None,
             scenarios: Vec::new(),
         }
@@ -128,6 +131,13 @@ impl<'a> TestApp<'a> {
         self
     }
 
+    /// One more environment variable for the gateway, set to the emulator's URL (e.g.
+    /// `AWS_ENDPOINT_URL_STS`, for the emulator's STS).
+    pub fn env_from_emulator(mut self, name: &str) -> Self {
+        self.emulator_env.push(name.to_owned());
+        self
+    }
+
     /// An open-file limit, soft and hard (so the gateway cannot raise it), as on a
     /// constrained host.
     pub fn nofile(mut self, limit: u64) -> Self {
@@ -156,6 +166,9 @@ impl<'a> TestApp<'a> {
         let file = config_file(&config);
         let mut command = gateway_command(self.credentials);
         command.envs(self.env);
+        for name in &self.emulator_env {
+            command.env(name, emulator.url());
+        }
         if let Some(nofile) = self.nofile {
             // SAFETY: setrlimit is async-signal-safe, and nothing else runs in the child
             // between fork and exec.
