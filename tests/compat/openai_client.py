@@ -7,6 +7,7 @@ Run by tests/gateway/openai_compat.rs, which starts the gateway and sets:
   MODELGATE_LIMITED   optional: a key allowed one request a minute (RateLimitError)
   MODELGATE_CAN       what the model takes besides text: "tools,images" or "" (then tools
                       and images must be refused with BadRequestError naming them)
+  MODELGATE_TOOL_MODEL  optional: the model to ask for tool calls (one that calls them)
 Prints one line per check and exits non-zero if any failed.
 """
 
@@ -25,6 +26,7 @@ KEY = os.environ["MODELGATE_KEY"]
 MODEL = os.environ["MODELGATE_MODEL"]
 LIMITED = os.environ.get("MODELGATE_LIMITED")
 CAN = set(filter(None, os.environ.get("MODELGATE_CAN", "").split(",")))
+TOOL_MODEL = os.environ.get("MODELGATE_TOOL_MODEL", MODEL)
 
 # A 1x1 PNG.
 PNG = base64.b64encode(
@@ -173,7 +175,7 @@ if LIMITED:
 
 def ask_tool(**options):
     return client.chat.completions.create(
-        model=MODEL,
+        model=TOOL_MODEL,
         messages=[{"role": "user", "content": "Weather in Paris?"}],
         tools=[WEATHER],
         **options,
@@ -206,7 +208,7 @@ if "tools" in CAN:
         expect(call.function.name == "weather", call)
         expect(isinstance(json.loads(call.function.arguments), dict), call.function.arguments)
         answer = client.chat.completions.create(
-            model=MODEL,
+            model=TOOL_MODEL,
             tools=[WEATHER],
             messages=[
                 {"role": "user", "content": "Weather in Paris?"},

@@ -147,7 +147,7 @@ async fn ask(app: &App, transport: Transport, body: &Value) -> Result<Answer, St
 }
 
 /// The ConverseStream request the emulator received last.
-fn last_converse(app: &App) -> Recorded {
+pub fn last_converse(app: &App) -> Recorded {
     let recorded = app.emulator.requests().pop().expect("a request");
     assert_eq!(recorded.operation, Operation::ConverseStream);
     assert_eq!(recorded.model_id, CLAUDE_37);
@@ -162,11 +162,11 @@ fn weather_tool() -> Value {
     }])
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn unbase64(text: &Value) -> Vec<u8> {
+pub fn unbase64(text: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(text.as_str().expect("base64 text"))
         .expect("valid base64")

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp};
 use crate::cancellation::upstream_open;
+use crate::converse::{CLAUDE_37, base64, converse_registry, last_converse, unbase64};
 use crate::emulator::{NativeStop, Scenario};
 
 const KEY: &str = "mg-openai-client-0123456789";
@@ -455,4 +456,181 @@ async fn a_client_that_leaves_a_whole_completion_stops_the_upstream_call() {
     upstream_open(&app).await;
     request.abort();
     app.assert_upstream_closed_within_a_second().await;
+}
+
+/// OpenAI's form of the weather tool of the Converse tests.
+fn weather_function() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}])
+}
+
+#[tokio::test]
+async fn a_tool_call_comes_whole_and_streamed_and_its_result_goes_back() {
+    let app = TestApp::new().registry(converse_registry("")).spawn().await;
+    let tool_call = || {
+        Scenario::converse().text(["Let me ", "check."]).tool_use(
+            "tooluse_1",
+            "weather",
+            ["{\"ci", "ty\": \"Pa", "ris\"}"],
+        )
+    };
+    let question = json!({
+        "model": "claude",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": weather_function(),
+        "tool_choice": "required",
+    });
+    app.emulator.script(CLAUDE_37, tool_call());
+    let response = complete(&app, question.clone()).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0],
+        json!({
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Let me check.",
+                "refusal": null,
+                "tool_calls": [{"id": "tooluse_1", "type": "function",
+                    "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}]
+            },
+            "finish_reason": "tool_calls"
+        })
+    );
+    let sent = last_converse(&app).body;
+    assert_eq!(sent["toolConfig"]["toolChoice"], json!({"any": {}}));
+    assert_eq!(
+        sent["toolConfig"]["tools"][0]["toolSpec"]["inputSchema"]["json"],
+        weather_function()[0]["function"]["parameters"]
+    );
+
+    // Streamed: the call's id and name first, then its argument fragments as they arrive.
+    app.emulator.script(CLAUDE_37, tool_call());
+    let mut streamed = question.clone();
+    streamed["stream"] = json!(true);
+    streamed["tool_choice"] = json!({"type": "function", "function": {"name": "weather"}});
+    let data = stream_data(complete(&app, streamed).await).await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let deltas: Vec<Value> = json_of(&data[..data.len() - 1])
+        .iter()
+        .map(|chunk| chunk["choices"][0].clone())
+        .collect();
+    let fragment = |arguments: &str| json!({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}, "finish_reason": null});
+    assert_eq!(
+        deltas[3..],
+        [
+            json!({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "tooluse_1", "type": "function",
+                "function": {"name": "weather", "arguments": ""}}]}, "finish_reason": null}),
+            fragment("{\"ci"),
+            fragment("ty\": \"Pa"),
+            fragment("ris\"}"),
+            json!({"index": 0, "delta": {}, "finish_reason": "tool_calls"}),
+        ]
+    );
+    assert_eq!(
+        last_converse(&app).body["toolConfig"]["toolChoice"],
+        json!({"tool": {"name": "weather"}})
+    );
+
+    // The answer turn: the assistant's call and the tool's result, as Converse blocks.
+    app.emulator
+        .script(CLAUDE_37, Scenario::converse().text(["It is 18°C."]));
+    let answer_turn = json!({
+        "model": "claude",
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                {"id": "tooluse_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "tooluse_1", "content": "18°C"}
+        ],
+        "tools": weather_function(),
+    });
+    let response = complete(&app, answer_turn).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "It is 18°C.");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let sent = last_converse(&app).body;
+    assert_eq!(
+        sent["messages"][1]["content"],
+        json!([{"text": "Let me check."},
+               {"toolUse": {"toolUseId": "tooluse_1", "name": "weather", "input": {"city": "Paris"}}}])
+    );
+    assert_eq!(
+        sent["messages"][2]["content"],
+        json!([{"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "18°C"}], "status": "success"}}])
+    );
+
+    // `none`: the model is not offered the tools.
+    let mut none = question;
+    none["tool_choice"] = json!("none");
+    assert_eq!(complete(&app, none).await.status(), 200);
+    assert!(last_converse(&app).body.get("toolConfig").is_none());
+}
+
+#[tokio::test]
+async fn an_image_reaches_bedrock_and_reasoning_cache_and_filters_come_back_in_openais_words() {
+    let app = TestApp::new().registry(converse_registry("")).spawn().await;
+    let image: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    app.emulator.script(
+        CLAUDE_37,
+        Scenario::converse()
+            .reasoning(["Looking ", "closely."], "sig-1")
+            .text(["A gradient."])
+            .cache_tokens(100, 20),
+    );
+    let response = complete(
+        &app,
+        json!({"model": "claude", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", base64(&image)), "detail": "high"}}
+        ]}]}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["content"], "A gradient.");
+    assert_eq!(message["reasoning_content"], "Looking closely.");
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 127, "completion_tokens": body["usage"]["completion_tokens"],
+               "total_tokens": 127 + body["usage"]["completion_tokens"].as_u64().unwrap(),
+               "prompt_tokens_details": {"cached_tokens": 100}})
+    );
+    let content = &last_converse(&app).body["messages"][0]["content"];
+    assert_eq!(content[0], json!({"text": "What is it?"}));
+    assert_eq!(content[1]["image"]["format"], "png");
+    assert_eq!(unbase64(&content[1]["image"]["source"]["bytes"]), image);
+
+    app.emulator.script(
+        CLAUDE_37,
+        Scenario::converse()
+            .reasoning(["Hmm."], "sig-2")
+            .guardrail_intervention("Sorry, I cannot help with that."),
+    );
+    let data = stream_data(
+        complete(
+            &app,
+            json!({"model": "claude", "stream": true,
+                   "messages": [{"role": "user", "content": "Something forbidden"}]}),
+        )
+        .await,
+    )
+    .await;
+    let deltas: Vec<Value> = json_of(&data[..data.len() - 1])
+        .iter()
+        .map(|chunk| chunk["choices"][0].clone())
+        .collect();
+    assert_eq!(deltas[1]["delta"], json!({"reasoning_content": "Hmm."}));
+    assert_eq!(
+        deltas[2]["delta"],
+        json!({"content": "Sorry, I cannot help with that."})
+    );
+    assert_eq!(deltas.last().unwrap()["finish_reason"], "content_filter");
 }

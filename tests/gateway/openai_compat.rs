@@ -5,8 +5,14 @@
 
 use std::path::PathBuf;
 
+use serde_json::json;
+
 use crate::app::{App, LLAMA_ID, TestApp};
-use crate::emulator::Scenario;
+use crate::converse::{CLAUDE_37, converse_registry, unbase64};
+use crate::emulator::{Operation, Scenario};
+
+/// A second Converse model, scripted to call the weather tool.
+const TOOL_MODEL_ID: &str = "us.anthropic.claude-sonnet-4-20250514-v1:0";
 
 const KEY: &str = "mg-sdk-client-0123456789";
 const LIMITED_KEY: &str = "mg-sdk-limited-0123456789";
@@ -47,14 +53,67 @@ async fn run_clients(app: &App, model: &str, key: &str, extra: &[(&str, &str)]) 
 
 #[tokio::test]
 #[ignore = "needs the openai and langchain-openai packages: run scripts/install-test-tools.sh"]
-async fn the_openai_sdk_and_langchain_work_against_bedrock_models() {
+async fn the_openai_sdk_and_langchain_work_against_bedrock_models_of_every_format() {
     let app = TestApp::new()
+        .registry(|url| {
+            converse_registry("")(url)
+                + &format!(
+                    "\n[[models]]\nname = \"claude-tools\"\nprovider = \"bedrock\"\nmodel_id = \"{TOOL_MODEL_ID}\"\nregion = \"us-east-1\"\nendpoint_url = \"{url}\"\n"
+                )
+        })
         .api_key("sdk", KEY, "")
         .api_key("limited", LIMITED_KEY, "requests_per_minute = 1")
         .scenario(LLAMA_ID, Scenario::reply(["Paris", "."]))
+        .scenario(CLAUDE_37, Scenario::converse().text(["Paris", "."]))
+        .scenario(
+            TOOL_MODEL_ID,
+            Scenario::converse()
+                .text(["Let me check."])
+                .tool_use("tooluse_1", "weather", ["{\"city\": ", "\"Paris\"}"]),
+        )
         .spawn()
         .await;
+    // The native formats take text only: tools and images are refused.
     run_clients(&app, "llama3", KEY, &[("MODELGATE_LIMITED", LIMITED_KEY)]).await;
+    run_clients(&app, "anthropic", KEY, &[]).await;
+    run_clients(
+        &app,
+        "claude",
+        KEY,
+        &[
+            ("MODELGATE_CAN", "tools,images"),
+            ("MODELGATE_TOOL_MODEL", "claude-tools"),
+        ],
+    )
+    .await;
+    let converse = app
+        .emulator
+        .requests()
+        .into_iter()
+        .filter(|request| request.operation == Operation::ConverseStream);
+    let contents: Vec<serde_json::Value> = converse
+        .flat_map(|request| {
+            request.body["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|message| message["content"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let image = contents
+        .iter()
+        .find(|block| block.get("image").is_some())
+        .expect("the SDK's image reached Bedrock");
+    assert_eq!(image["image"]["format"], "png");
+    assert_eq!(
+        &unbase64(&image["image"]["source"]["bytes"])[..4],
+        b"\x89PNG"
+    );
+    assert!(
+        contents.contains(&json!({"toolResult": {"toolUseId": "tooluse_1",
+            "content": [{"text": "18°C and sunny"}], "status": "success"}})),
+        "the SDK's tool result reached Bedrock"
+    );
 }
 
 #[cfg(feature = "local")]
