@@ -6,6 +6,20 @@ use poem_openapi::{Enum, Object, Union};
 use serde::{Deserialize, Deserializer, Serialize, de};
 use serde_json::{Map, Value};
 
+/// `Deserialize` for an enum of a string (variant `$text`) or a list (variant `$list`).
+macro_rules! string_or_list {
+    ($name:ident, $text:ident, $list:ident) => {
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                Ok(match string_or_list(deserializer)? {
+                    StringOrList::String(text) => $name::$text(text),
+                    StringOrList::List(list) => $name::$list(list),
+                })
+            }
+        }
+    };
+}
+
 /// A chat-completion request.
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "OpenAiChatCompletionRequest")]
@@ -49,14 +63,7 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
-impl<'de> Deserialize<'de> for Stop {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match string_or_list(deserializer)? {
-            StringOrList::String(text) => Stop::One(text),
-            StringOrList::List(list) => Stop::Many(list),
-        })
-    }
-}
+string_or_list!(Stop, One, Many);
 
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "OpenAiStreamOptions")]
@@ -147,14 +154,7 @@ impl TextContent {
     }
 }
 
-impl<'de> Deserialize<'de> for TextContent {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match string_or_list(deserializer)? {
-            StringOrList::String(text) => TextContent::Text(text),
-            StringOrList::List(parts) => TextContent::Parts(parts),
-        })
-    }
-}
+string_or_list!(TextContent, Text, Parts);
 
 #[derive(Debug, Clone, PartialEq, Union, Deserialize)]
 #[oai(discriminator_name = "type")]
@@ -174,14 +174,7 @@ pub enum UserContent {
     Parts(Vec<UserPart>),
 }
 
-impl<'de> Deserialize<'de> for UserContent {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match string_or_list(deserializer)? {
-            StringOrList::String(text) => UserContent::Text(text),
-            StringOrList::List(parts) => UserContent::Parts(parts),
-        })
-    }
-}
+string_or_list!(UserContent, Text, Parts);
 
 #[derive(Debug, Clone, PartialEq, Union, Deserialize)]
 #[oai(discriminator_name = "type")]
@@ -226,14 +219,7 @@ pub enum AssistantContent {
     Parts(Vec<AssistantPart>),
 }
 
-impl<'de> Deserialize<'de> for AssistantContent {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(match string_or_list(deserializer)? {
-            StringOrList::String(text) => AssistantContent::Text(text),
-            StringOrList::List(parts) => AssistantContent::Parts(parts),
-        })
-    }
-}
+string_or_list!(AssistantContent, Text, Parts);
 
 #[derive(Debug, Clone, PartialEq, Union, Deserialize)]
 #[oai(discriminator_name = "type")]
