@@ -28,9 +28,11 @@ pub struct ErrorDetail {
     #[oai(rename = "type")]
     pub kind: String,
     /// The request field at fault, where there is one.
+    #[oai(nullable)]
     pub param: Option<String>,
     /// The gateway's stable error code (`GET /openapi.json` lists them), but
     /// `model_not_found` and `invalid_api_key` as OpenAI names those.
+    #[oai(nullable)]
     pub code: Option<String>,
 }
 

@@ -117,6 +117,8 @@ pub struct UserMessage {
 #[derive(Debug, Clone, Object, Deserialize)]
 #[oai(rename = "OpenAiAssistantMessage")]
 pub struct AssistantMessage {
+    /// Null when the message is only tool calls.
+    #[oai(nullable)]
     pub content: Option<AssistantContent>,
     /// The calls the assistant made; each `function.arguments` is a JSON object as a string.
     pub tool_calls: Option<Vec<ToolCall>>,
@@ -408,8 +410,10 @@ pub struct Choice {
 pub struct AnswerMessage {
     pub role: AssistantRole,
     /// The text; null when the answer is only tool calls.
+    #[oai(nullable)]
     pub content: Option<String>,
     /// Always null: refusals come as `finish_reason: content_filter`.
+    #[oai(nullable)]
     pub refusal: Option<String>,
     #[oai(skip_serializing_if_is_none)]
     pub tool_calls: Option<Vec<ToolCall>>,
@@ -489,7 +493,7 @@ pub struct ChatCompletionChunk {
     pub model: String,
     pub choices: Vec<ChunkChoice>,
     /// Only with `stream_options.include_usage`: null but on the last chunk.
-    #[oai(skip_serializing_if_is_none)]
+    #[oai(nullable, skip_serializing_if_is_none)]
     pub usage: Option<CompletionUsage>,
 }
 
@@ -505,6 +509,7 @@ pub enum ChunkObject {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: ChunkDelta,
+    #[oai(nullable)]
     pub finish_reason: Option<FinishReason>,
 }
 
