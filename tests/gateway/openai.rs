@@ -288,7 +288,12 @@ async fn refused_requests_get_openais_error_shape_naming_the_parameter() {
         {"type": "text", "text": "What is it?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
     ]}]});
-    let error = expect_openai_error(complete(&app, image).await, 400, Value::Null).await;
+    let error = expect_openai_error(
+        complete(&app, image).await,
+        400,
+        json!("messages[0].content[1]"),
+    )
+    .await;
     assert!(
         error["message"]
             .as_str()

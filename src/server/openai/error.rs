@@ -64,15 +64,26 @@ impl ErrorBody {
     }
 }
 
-/// The field a validation message begins with (they name it first, in backquotes:
-/// "`temperature` must be …").
+/// The field a validation message names: first, in backquotes ("`temperature` must be …"),
+/// or later in parentheses ("… cannot take `image` blocks (`messages[0].content[1]`); …").
 fn field_named(message: &str) -> Option<String> {
-    let field = message.strip_prefix('`')?.split('`').next()?;
-    let is_path = !field.is_empty()
-        && field
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'));
-    is_path.then(|| field.to_owned())
+    let is_path = |field: &str| {
+        !field.is_empty()
+            && field
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '[' | ']'))
+    };
+    let leading = message
+        .strip_prefix('`')
+        .and_then(|rest| rest.split('`').next());
+    let in_parentheses = message
+        .split_once("(`")
+        .and_then(|(_, rest)| rest.split_once("`)"))
+        .map(|(field, _)| field);
+    leading
+        .filter(|field| is_path(field))
+        .or(in_parentheses.filter(|field| is_path(field)))
+        .map(str::to_owned)
 }
 
 /// An error response of the OpenAI routes: the gateway's status and headers
@@ -140,6 +151,10 @@ mod tests {
             "model `x y` cannot take `tools`".into(),
         ));
         assert_eq!(not_a_field["error"]["param"], serde_json::Value::Null);
+        let at_the_end = body(Error::InvalidRequest(
+            "model `m` cannot take `image` blocks (`messages[0].content[1]`); models … can".into(),
+        ));
+        assert_eq!(at_the_end["error"]["param"], "messages[0].content[1]");
     }
 
     #[test]
