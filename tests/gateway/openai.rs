@@ -370,21 +370,9 @@ async fn keys_and_their_limits_hold_with_openais_statuses() {
     assert_eq!(error["type"], "rate_limit_error");
     assert_eq!(error["code"], "rate_limited");
 
-    let models = reqwest::Client::new()
-        .get(format!("{}/v1/models", app.url))
-        .send()
-        .await
-        .unwrap();
-    expect_openai_error(models, 401, Value::Null).await;
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", app.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    expect_openai_error(app.get("/v1/models").await, 401, Value::Null).await;
+    let metrics = app.get(&format!("/metrics?api_key={KEY}")).await;
+    let metrics = metrics.text().await.unwrap();
     for line in [
         r#"modelgate_requests_total{route="/v1/chat/completions",model="llama3",status="200"} 1"#,
         r#"modelgate_requests_total{route="/v1/chat/completions",model="llama3",status="429"} 1"#,
