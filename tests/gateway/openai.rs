@@ -313,9 +313,12 @@ async fn refused_requests_get_openais_error_shape_naming_the_parameter() {
         "{error}"
     );
 
-    let unknown = json!({"model": "gpt-4o", "messages": hi});
-    let error = expect_openai_error(complete(&app, unknown).await, 404, json!("model")).await;
-    assert_eq!(error["code"], "model_not_found");
+    // Before a stream begins, a refusal is a status and a JSON body, streamed or not.
+    for stream in [false, true] {
+        let unknown = json!({"model": "gpt-4o", "messages": hi, "stream": stream});
+        let error = expect_openai_error(complete(&app, unknown).await, 404, json!("model")).await;
+        assert_eq!(error["code"], "model_not_found");
+    }
 
     // Errors before the handler (the body's parser, the router) have the same shape.
     let malformed = reqwest::Client::new()
