@@ -16,6 +16,15 @@ if ! "$tools/venv/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHES
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
+# The official OpenAI SDK and LangChain's ChatOpenAI, driven by tests/compat/openai_client.py
+# against the running gateway (tests/gateway/openai_compat.rs).
+OPENAI_VERSION=3.57.0
+LANGCHAIN_OPENAI_VERSION=1.7.4
+if ! "$tools/venv/bin/python" -c "import openai, langchain_openai, importlib.metadata as m; assert openai.__version__ == '$OPENAI_VERSION' and m.version('langchain-openai') == '$LANGCHAIN_OPENAI_VERSION'" 2>/dev/null; then
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
+    "openai==$OPENAI_VERSION" "langchain-openai==$LANGCHAIN_OPENAI_VERSION"
+fi
+
 # Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
 # chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
 # Debian's redis-server and haproxy for the multi-replica tests (tests/gateway/cluster*.rs),

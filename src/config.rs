@@ -873,7 +873,7 @@ mod tests {
         );
         assert!(
             err.message.ends_with(
-                "`endpoint_url` for provider \"bedrock\", or one of `name`, `provider`, `max_tokens`, `max_tokens_limit`, `temperature`, `special_tokens`, `upstream`"
+                "`cache_prompt` for provider \"bedrock\", or one of `name`, `provider`, `max_tokens`, `max_tokens_limit`, `temperature`, `special_tokens`, `upstream`"
             ),
             "{err}"
         );
@@ -901,10 +901,14 @@ mod tests {
         assert_eq!(err.line, Some(1), "{err}");
         assert!(err.message.contains("missing field `model_id`"), "{err}");
         let err = error_of(
-            "[[models]]\nprovider = \"bedrock\"\nname = \"a\"\nmodel_id = \"amazon.titan-text-express-v1\"\n",
+            "[[models]]\nprovider = \"bedrock\"\nname = \"a\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\ncache_prompt = true\n",
         );
-        assert_eq!(err.line, Some(3), "{err}");
-        assert!(err.message.contains("`format` is required"), "{err}");
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(
+            err.message
+                .contains("`cache_prompt` needs `format = \"converse\"`"),
+            "{err}"
+        );
         let err = error_of(
             "[[models]]\nname = \"a\"\nprovider = \"local\"\npath = \"/m.gguf\"\nworkers = 0\n",
         );

@@ -114,6 +114,14 @@ impl InvokeCall {
         }
     }
 
+    /// The same request as `POST /v1/chat/completions` through the gateway.
+    pub fn chat_completion() -> InvokeCall {
+        InvokeCall {
+            path: "/v1/chat/completions",
+            body: crate::openai::whole_request(),
+        }
+    }
+
     pub async fn call(&self, connection: &mut Connection) -> anyhow::Result<()> {
         connection.call("POST", self.path, &self.body).await
     }

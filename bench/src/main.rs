@@ -11,6 +11,7 @@ mod clock;
 mod connections;
 mod invoke;
 mod mock;
+mod openai;
 mod procs;
 mod profile;
 mod redis;
@@ -63,6 +64,8 @@ enum Section {
     Stream,
     Scale,
     Invoke,
+    /// `/v1/chat/completions` next to `/invoke` and `/stream`.
+    Openai,
     Profile,
     /// Per-key limits in Redis (loopback) next to the same limits in process.
     Redis,
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             Section::Scale,
             Section::Invoke,
             Section::Redis,
+            Section::Openai,
             Section::Profile,
         ]
     } else {
@@ -152,6 +156,10 @@ impl Bench {
                     Section::Scale => self.scale(&mock).await?,
                     Section::Invoke => self.invoke(&mock).await?,
                     Section::Redis => self.limits(&mock).await?,
+                    Section::Openai => {
+                        let gateway = self.gateway(&mock)?;
+                        openai::measure(&mut self.report, &gateway).await?
+                    }
                     Section::Profile => {}
                 }
             }

@@ -35,6 +35,8 @@ pub enum Transport {
     Sse,
     /// `/ws/model?streaming=1` (text mode) through the gateway.
     Ws,
+    /// `POST /v1/chat/completions` with `stream: true` through the gateway.
+    OpenAi,
 }
 
 impl Transport {
@@ -43,6 +45,7 @@ impl Transport {
             Transport::Direct => "direct",
             Transport::Sse => "SSE",
             Transport::Ws => "WS",
+            Transport::OpenAi => "OpenAI",
         }
     }
 }
@@ -83,7 +86,7 @@ impl StreamClient {
         scenario: Scenario,
     ) -> anyhow::Result<StreamClient> {
         let inner = match transport {
-            Transport::Direct | Transport::Sse => Inner::Http {
+            Transport::Direct | Transport::Sse | Transport::OpenAi => Inner::Http {
                 connection: Connection::open(addr).await?,
                 body: None,
                 buffer: BytesMut::new(),
@@ -109,6 +112,11 @@ impl StreamClient {
                         "POST",
                         format!("/model/{}/invoke-with-response-stream", scenario.model_id()),
                         Bytes::from_static(br#"{"prompt":"hi","max_gen_len":512}"#),
+                    ),
+                    Transport::OpenAi => (
+                        "POST",
+                        "/v1/chat/completions".to_owned(),
+                        crate::openai::stream_request(&scenario.name()),
                     ),
                     _ => (
                         "GET",
@@ -232,6 +240,15 @@ fn parse_buffered(
     let block = std::str::from_utf8(&block)?;
     if block.starts_with(':') {
         return Ok(Some(Some(Event::KeepAlive)));
+    }
+    if transport == Transport::OpenAi {
+        return Ok(match crate::openai::parse_data(block)? {
+            crate::openai::Data::Piece(stamp) => Some(Some(Event::Chunk { stamp, received })),
+            // The role, the finish reason: not pieces of the answer; the next event may
+            // already be in the buffer.
+            crate::openai::Data::Other => return parse_buffered(transport, buffer, decoder),
+            crate::openai::Data::Done => Some(None),
+        });
     }
     let field = |name: &str| {
         block

@@ -294,7 +294,7 @@ fn decode_component(component: &str) -> Result<String, Error> {
 }
 
 /// Tells the access log and the metrics which model a request is for.
-fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
+pub(super) fn note_model(state: &AppState, http: &Request, request: &GenerateRequest) {
     if let Some(note) = RequestNote::of(http) {
         let known = state.gateway.registry.get(&request.model).is_ok();
         note.model(&request.model, known);

@@ -5,6 +5,7 @@ mod api;
 mod connection;
 mod events;
 mod json_body;
+mod openai;
 mod origin;
 mod routes;
 mod sse;
@@ -43,11 +44,17 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-fn api_service() -> OpenApiService<api::Api, ()> {
-    OpenApiService::new(api::Api, "modelgate", env!("CARGO_PKG_VERSION")).description(
+fn api_service() -> OpenApiService<(api::Api, openai::OpenAiApi), ()> {
+    OpenApiService::new(
+        (api::Api, openai::OpenAiApi),
+        "modelgate",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
         "A streaming gateway in front of large language models. `POST /invoke` answers \
              with the whole text; `/stream` streams it as Server-Sent Events; `/ws/model` \
-             streams over WebSocket (see the README).",
+             streams over WebSocket (see the README). `/v1/chat/completions` and \
+             `/v1/models` speak OpenAI's API, for its SDKs and the tools built on them.",
     )
 }
 

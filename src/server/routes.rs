@@ -34,7 +34,8 @@ pub enum Serve {
 pub type ErrorShape = fn(&Error) -> Response;
 
 pub struct RouteSpec {
-    /// An exact path, or with a trailing `*`, every path that starts with what precedes it.
+    /// An exact path, or with a trailing `*`, every path that starts with what precedes it;
+    /// a segment `{name}` stands for any one non-empty segment (a path parameter).
     pub path: &'static str,
     /// The methods it answers, as a 405's `Allow` header lists them.
     pub allow: &'static str,
@@ -55,7 +56,6 @@ const fn route(path: &'static str, allow: &'static str, access: Access, serve: S
 
 impl RouteSpec {
     /// A route of an API that imitates another service, whose clients expect its error shape.
-    #[allow(dead_code)]
     const fn errors(self, errors: ErrorShape) -> RouteSpec {
         RouteSpec { errors, ..self }
     }
@@ -90,6 +90,9 @@ pub const ROUTES: &[RouteSpec] = &[
     route("/stream", "GET, POST", Api, OpenApi),
     route("/ws/model", "GET", Api, Endpoint(super::ws::endpoint)),
     route("/metrics", "GET", Api, Endpoint(super::metrics)),
+    route("/v1/chat/completions", "POST", Api, OpenApi).errors(super::openai::error_response),
+    route("/v1/models", "GET", Api, OpenApi).errors(super::openai::error_response),
+    route("/v1/models/{model}", "GET", Api, OpenApi).errors(super::openai::error_response),
 ];
 
 /// The router of every [`Serve::Endpoint`] route, with the OpenAPI service at `/`.
@@ -112,8 +115,22 @@ pub fn route_of(path: &str) -> Option<&'static RouteSpec> {
         .iter()
         .find(|route| match route.path.strip_suffix('*') {
             Some(prefix) => path.starts_with(prefix),
-            None => route.path == path,
+            None => matches_template(route.path, path),
         })
+}
+
+/// Whether `path` is `template`, whose `{name}` segments match any one non-empty segment.
+fn matches_template(template: &str, path: &str) -> bool {
+    if !template.contains('{') {
+        return template == path;
+    }
+    let mut segments = path.split('/');
+    template.split('/').all(|expected| {
+        segments.next().is_some_and(|segment| {
+            segment == expected
+                || (expected.starts_with('{') && expected.ends_with('}') && !segment.is_empty())
+        })
+    }) && segments.next().is_none()
 }
 
 /// The metrics label of a path: its route's path without the `*` (`/ui/*` is `/ui`), or
@@ -167,5 +184,14 @@ mod tests {
         assert_eq!(label("/ui/app.js"), "/ui");
         assert_eq!(label("/"), "/");
         assert_eq!(route_of("/ws/model").unwrap().access, Access::Api);
+    }
+
+    #[test]
+    fn a_path_parameter_matches_one_non_empty_segment_and_labels_by_its_template() {
+        assert_eq!(label("/v1/models/llama3"), "/v1/models/{model}");
+        assert_eq!(label("/v1/models"), "/v1/models");
+        assert_eq!(label("/v1/models/"), "other");
+        assert_eq!(label("/v1/models/a/b"), "other");
+        assert_eq!(label("/v1/chat/completions"), "/v1/chat/completions");
     }
 }

@@ -71,6 +71,8 @@ pub struct TestApp<'a> {
     api_keys: Vec<String>,
     credentials: bool,
     env: Vec<(String, String)>,
+    /// Environment variables set to the emulator's URL.
+    emulator_env: Vec<String>,
     nofile: Option<u64>,
     scenarios: Vec<(&'static str, Scenario)>,
     cluster: Vec<String>,
@@ -84,6 +86,7 @@ impl Default for TestApp<'_> {
             api_keys: Vec::new(),
             credentials: true,
             env: Vec::new(),
+            emulator_env: Vec::new(),
             nofile: None,
             scenarios: Vec::new(),
             cluster: Vec::new(),
@@ -127,6 +130,13 @@ impl<'a> TestApp<'a> {
     /// One more environment variable for the gateway.
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// One more environment variable for the gateway, set to the emulator's URL (e.g.
+    /// `AWS_ENDPOINT_URL_STS`, for the emulator's STS).
+    pub fn env_from_emulator(mut self, name: &str) -> Self {
+        self.emulator_env.push(name.to_owned());
         self
     }
 
@@ -174,6 +184,9 @@ impl<'a> TestApp<'a> {
         let file = config_file(&config);
         let mut command = gateway_command(self.credentials);
         command.envs(self.env);
+        for name in &self.emulator_env {
+            command.env(name, emulator.url());
+        }
         if let Some(nofile) = self.nofile {
             // SAFETY: setrlimit is async-signal-safe, and nothing else runs in the child
             // between fork and exec.

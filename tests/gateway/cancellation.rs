@@ -12,7 +12,7 @@ use crate::client::{connect, sse_events};
 use crate::emulator::Scenario;
 
 /// Waits until the emulator is serving one stream (or one stalled Invoke).
-async fn upstream_open(app: &App) {
+pub async fn upstream_open(app: &App) {
     tokio::time::timeout(Duration::from_secs(5), async {
         while app.emulator.open_streams() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;

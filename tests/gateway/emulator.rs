@@ -1,8 +1,10 @@
-//! In-process emulator of the AWS Bedrock Runtime `InvokeModel` and
-//! `InvokeModelWithResponseStream` operations, good enough to drive the real
-//! `aws-sdk-bedrockruntime` client through every path the service can take:
-//! JSON replies, paced event streams, HTTP errors, modeled exception frames,
-//! unmodeled error frames and dropped connections.
+//! In-process emulator of the AWS Bedrock Runtime `InvokeModel`,
+//! `InvokeModelWithResponseStream` and `ConverseStream` operations (and of STS
+//! `AssumeRole`), good enough to drive the real `aws-sdk-bedrockruntime` client
+//! through every path the service can take: JSON replies, paced event streams,
+//! Converse's typed events (text, reasoning, tool calls in fragments), HTTP
+//! errors, validation errors, modeled exception frames, unmodeled error frames
+//! and dropped connections.
 //!
 //! The wire facts it reproduces are those of the AWS SDK for Rust and the Bedrock API reference.
 
@@ -51,10 +53,36 @@ pub struct Recorded {
     pub content_type: Option<String>,
 }
 
+impl Recorded {
+    /// The access key id of the SigV4 credential scope (`Credential=<AKID>/…`).
+    pub fn access_key(&self) -> Option<&str> {
+        self.authorization
+            .as_deref()?
+            .split_once("Credential=")?
+            .1
+            .split('/')
+            .next()
+    }
+}
+
+/// One STS `AssumeRole` call as the emulator received it.
+#[derive(Clone, Debug)]
+pub struct AssumedRole {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+    /// Raw `Authorization` header: signed with the caller's own credentials.
+    pub authorization: Option<String>,
+}
+
+/// The access key of the temporary credentials every `AssumeRole` call gets.
+pub const ASSUMED_ACCESS_KEY: &str = "ASIAEMULATORASSUMED1";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
     Invoke,
     InvokeStream,
+    ConverseStream,
 }
 
 /// How a response stream ended.
@@ -113,6 +141,59 @@ pub enum Scenario {
     /// heartbeat every 100 ms: an event of a type the SDK does not know (which it skips),
     /// or a space in the JSON body.
     Stall { pieces: Vec<String> },
+    /// ConverseStream: the blocks in order, each as its typed events (`contentBlockStart`
+    /// for tool calls, one `contentBlockDelta` per piece, `pace` apart, `contentBlockStop`),
+    /// then `messageStop` and `metadata`, or an exception instead of those. Built with
+    /// [`Scenario::converse`] and the methods after it. Native operations refuse it.
+    Converse(ConverseAnswer),
+}
+
+/// A Converse answer, as [`Scenario::Converse`] streams it.
+#[derive(Clone, Debug)]
+pub struct ConverseAnswer {
+    pub blocks: Vec<AnswerBlock>,
+    pub pace: Duration,
+    /// Converse's word: `end_turn`, `tool_use`, `max_tokens`, `guardrail_intervened`…
+    pub stop_reason: String,
+    pub input_tokens: u32,
+    pub cache_read_input_tokens: Option<u32>,
+    pub cache_write_input_tokens: Option<u32>,
+    /// A guardrail trace in `metadata` (an intervention).
+    pub guardrail_trace: bool,
+    /// An exception frame of this type after the blocks, instead of the end.
+    pub exception: Option<String>,
+}
+
+impl ConverseAnswer {
+    fn new() -> ConverseAnswer {
+        ConverseAnswer {
+            blocks: Vec::new(),
+            pace: DEFAULT_PACE,
+            stop_reason: "end_turn".into(),
+            input_tokens: DEFAULT_INPUT_TOKENS,
+            cache_read_input_tokens: None,
+            cache_write_input_tokens: None,
+            guardrail_trace: false,
+            exception: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum AnswerBlock {
+    Text(Vec<String>),
+    Reasoning {
+        pieces: Vec<String>,
+        signature: Option<String>,
+    },
+    /// Encrypted reasoning (`redactedContent`).
+    RedactedReasoning,
+    /// A tool call whose input's JSON text comes in these fragments.
+    ToolUse {
+        id: String,
+        name: String,
+        fragments: Vec<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +224,10 @@ impl Scenario {
     }
 
     pub fn paced(mut self, every: Duration) -> Scenario {
-        *self.reply_field("paced").0 = every;
+        match &mut self {
+            Scenario::Converse(answer) => answer.pace = every,
+            other => *other.reply_field("paced").0 = every,
+        }
         self
     }
 
@@ -155,7 +239,10 @@ impl Scenario {
 
     /// A [`Scenario::Reply`] that reports `count` input tokens.
     pub fn input_tokens(mut self, count: u32) -> Scenario {
-        *self.reply_field("input_tokens").2 = count;
+        match &mut self {
+            Scenario::Converse(answer) => answer.input_tokens = count,
+            other => *other.reply_field("input_tokens").2 = count,
+        }
         self
     }
 
@@ -170,6 +257,97 @@ impl Scenario {
             other => panic!("Scenario::{method} applies to a Reply, not to {other:?}"),
         }
     }
+
+    /// An empty Converse answer, `end_turn`, 7 input tokens; the methods below add blocks
+    /// and change the rest.
+    pub fn converse() -> Scenario {
+        Scenario::Converse(ConverseAnswer::new())
+    }
+
+    /// A text block of these pieces.
+    pub fn text(self, pieces: impl IntoIterator<Item = impl ToString>) -> Scenario {
+        self.block(AnswerBlock::Text(strings(pieces)))
+    }
+
+    /// A reasoning block of these pieces, then its signature.
+    pub fn reasoning(
+        self,
+        pieces: impl IntoIterator<Item = impl ToString>,
+        signature: &str,
+    ) -> Scenario {
+        self.block(AnswerBlock::Reasoning {
+            pieces: strings(pieces),
+            signature: Some(signature.into()),
+        })
+    }
+
+    /// A block of encrypted reasoning.
+    pub fn redacted_reasoning(self) -> Scenario {
+        self.block(AnswerBlock::RedactedReasoning)
+    }
+
+    /// A tool call whose input's JSON text comes in `fragments`; the answer stops with
+    /// `tool_use`.
+    pub fn tool_use(
+        self,
+        id: &str,
+        name: &str,
+        fragments: impl IntoIterator<Item = impl ToString>,
+    ) -> Scenario {
+        let mut scenario = self.block(AnswerBlock::ToolUse {
+            id: id.into(),
+            name: name.into(),
+            fragments: strings(fragments),
+        });
+        scenario.converse_field("tool_use").stop_reason = "tool_use".into();
+        scenario
+    }
+
+    /// Converse's stop reason, as Bedrock words it.
+    pub fn stop_reason(mut self, reason: &str) -> Scenario {
+        self.converse_field("stop_reason").stop_reason = reason.into();
+        self
+    }
+
+    /// A guardrail that intervenes: its message as the text, `guardrail_intervened`, and
+    /// the guardrail's trace in `metadata`.
+    pub fn guardrail_intervention(self, message: &str) -> Scenario {
+        let mut scenario = self.text([message]).stop_reason("guardrail_intervened");
+        scenario
+            .converse_field("guardrail_intervention")
+            .guardrail_trace = true;
+        scenario
+    }
+
+    /// Prompt-cache counts in `metadata`'s usage.
+    pub fn cache_tokens(mut self, read: u32, write: u32) -> Scenario {
+        let answer = self.converse_field("cache_tokens");
+        answer.cache_read_input_tokens = Some(read);
+        answer.cache_write_input_tokens = Some(write);
+        self
+    }
+
+    /// An exception frame of `exception_type` after the blocks, instead of the end.
+    pub fn then_exception(mut self, exception_type: &str) -> Scenario {
+        self.converse_field("then_exception").exception = Some(exception_type.into());
+        self
+    }
+
+    fn block(mut self, block: AnswerBlock) -> Scenario {
+        self.converse_field("a block").blocks.push(block);
+        self
+    }
+
+    fn converse_field(&mut self, method: &str) -> &mut ConverseAnswer {
+        match self {
+            Scenario::Converse(answer) => answer,
+            other => panic!("Scenario::{method} applies to a Converse answer, not to {other:?}"),
+        }
+    }
+}
+
+fn strings(pieces: impl IntoIterator<Item = impl ToString>) -> Vec<String> {
+    pieces.into_iter().map(|piece| piece.to_string()).collect()
 }
 
 impl Emulator {
@@ -212,6 +390,11 @@ impl Emulator {
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.state).requests.clone()
+    }
+
+    /// Every STS `AssumeRole` call received so far, in arrival order.
+    pub fn assumed_roles(&self) -> Vec<AssumedRole> {
+        lock(&self.state).assumed_roles.clone()
     }
 
     /// Waits until at least `n` response streams have finished, then returns
@@ -264,6 +447,7 @@ type Shared = Arc<Mutex<State>>;
 struct State {
     scenarios: HashMap<String, Scenario>,
     requests: Vec<Recorded>,
+    assumed_roles: Vec<AssumedRole>,
     ended: Vec<StreamEnd>,
     open: usize,
     /// Kill switch of every open connection, by the client's address.
@@ -284,6 +468,7 @@ fn default_scenario() -> Scenario {
 // Request handling
 // ---------------------------------------------------------------------------
 
+/// The native body family of an InvokeModel request.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     Llama,
@@ -293,6 +478,9 @@ enum Family {
 async fn handle(st: Shared, mut req: Request) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_string();
+    if path == "/" && req.method() == poem::http::Method::POST {
+        return sts(st, req).await;
+    }
     let route = if req.method() == poem::http::Method::POST {
         parse_path(&path)
     } else {
@@ -348,10 +536,16 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         );
     }
 
-    let family = if model_id.contains("meta.llama") {
-        Family::Llama
+    // Converse takes any model; the native bodies are those of two families.
+    let family = if operation == Operation::ConverseStream {
+        if let Err(message) = validate_converse(&body) {
+            return validation_error(&message);
+        }
+        None
+    } else if model_id.contains("meta.llama") {
+        Some(Family::Llama)
     } else if model_id.contains("anthropic.") {
-        Family::Anthropic
+        Some(Family::Anthropic)
     } else {
         return bedrock_error(
             StatusCode::BAD_REQUEST,
@@ -360,7 +554,9 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         );
     };
 
-    if let Err(detail) = validate(family, &raw_body, &body) {
+    if let Some(family) = family
+        && let Err(detail) = validate(family, &raw_body, &body)
+    {
         return validation_error(&format!(
             "Malformed input request: {detail}, please reformat your input and try again."
         ));
@@ -384,7 +580,6 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         .as_socket_addr()
         .and_then(|a| lock(&st).connections.get(a).cloned());
     let ctx = Ctx {
-        family,
         stop_sequence,
         started,
         kill,
@@ -400,21 +595,42 @@ async fn handle(st: Shared, mut req: Request) -> Response {
         return bedrock_error(status, error_type, message);
     }
 
+    let family = match (family, &scenario) {
+        (None, _) => {
+            let (input_tokens, output_tokens) = converse_usage(&scenario);
+            let steps = plan_converse(&scenario);
+            return stream_response(st, ctx, steps, input_tokens, output_tokens);
+        }
+        (Some(_), Scenario::Converse(_)) => {
+            return validation_error(
+                "emulator: a Converse answer is scripted for this model; call it with ConverseStream",
+            );
+        }
+        (Some(family), _) => family,
+    };
     match operation {
         Operation::Invoke if matches!(scenario, Scenario::Stall { .. }) => {
             stalled_invoke_response(st)
         }
-        Operation::Invoke => invoke_response(&ctx, &scenario),
-        Operation::InvokeStream => stream_response(st, ctx, &scenario),
+        Operation::Invoke => invoke_response(&ctx, family, &scenario),
+        _ => {
+            let steps = plan_stream(&ctx, family, &scenario);
+            let (pieces, _, input_tokens) = reply_parts(&scenario);
+            stream_response(st, ctx, steps, input_tokens, pieces.len())
+        }
     }
 }
 
-/// `/model/{id}/invoke` or `/model/{id}/invoke-with-response-stream`, matched
-/// on the raw path so that ids with `%2F` (or even a literal `/`) route.
+/// `/model/{id}/invoke`, `/model/{id}/invoke-with-response-stream` or
+/// `/model/{id}/converse-stream`, matched on the raw path so that ids with `%2F`
+/// (or even a literal `/`) route. (The gateway never calls Converse: it is not
+/// emulated.)
 fn parse_path(path: &str) -> Option<(&str, Operation)> {
     let rest = path.strip_prefix("/model/")?;
     let (id, op) = if let Some(id) = rest.strip_suffix("/invoke-with-response-stream") {
         (id, Operation::InvokeStream)
+    } else if let Some(id) = rest.strip_suffix("/converse-stream") {
+        (id, Operation::ConverseStream)
     } else if let Some(id) = rest.strip_suffix("/invoke") {
         (id, Operation::Invoke)
     } else {
@@ -617,7 +833,6 @@ fn validate(family: Family, raw: &[u8], body: &Value) -> Result<(), String> {
 // ---------------------------------------------------------------------------
 
 struct Ctx {
-    family: Family,
     stop_sequence: Option<String>,
     started: Instant,
     /// Kill switch of the connection this request came on.
@@ -667,7 +882,9 @@ fn reply_parts(scenario: &Scenario) -> (&[String], NativeStop, u32) {
         | Scenario::ErrorFrameAfter { pieces, .. }
         | Scenario::DropAfter { pieces }
         | Scenario::Stall { pieces } => (pieces, NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
-        Scenario::HttpError { .. } => (&[], NativeStop::EndTurn, DEFAULT_INPUT_TOKENS),
+        Scenario::HttpError { .. } | Scenario::Converse(_) => {
+            (&[], NativeStop::EndTurn, DEFAULT_INPUT_TOKENS)
+        }
     }
 }
 
@@ -697,11 +914,11 @@ fn message_id() -> String {
     format!("msg_bdrk_01{}", random_letters(22, true))
 }
 
-fn invoke_response(ctx: &Ctx, scenario: &Scenario) -> Response {
+fn invoke_response(ctx: &Ctx, family: Family, scenario: &Scenario) -> Response {
     let (pieces, stop, input_tokens) = reply_parts(scenario);
     let joined: String = pieces.concat();
     let output_tokens = pieces.len();
-    let native = match ctx.family {
+    let native = match family {
         Family::Llama => json!({
             "generation": joined,
             "prompt_token_count": input_tokens,
@@ -798,6 +1015,13 @@ enum Step {
         native: Value,
         metrics: bool,
     },
+    /// A ConverseStream event: `:event-type` names it, the payload is its JSON
+    /// (a `metadata` event gets its `metrics` when it is sent).
+    Event {
+        delay: Duration,
+        event_type: &'static str,
+        payload: Value,
+    },
     Exception {
         delay: Duration,
         exception_type: String,
@@ -813,7 +1037,7 @@ enum Step {
     Stall,
 }
 
-fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
+fn plan_stream(ctx: &Ctx, family: Family, scenario: &Scenario) -> VecDeque<Step> {
     let mut steps = VecDeque::new();
     let (pieces, pace, stop, input_tokens, complete) = match scenario {
         Scenario::Reply {
@@ -832,7 +1056,7 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
             DEFAULT_INPUT_TOKENS,
             false,
         ),
-        Scenario::HttpError { .. } => return steps,
+        Scenario::HttpError { .. } | Scenario::Converse(_) => return steps,
     };
     let n = pieces.len();
     let piece_delay = |i: usize| if i == 0 { Duration::ZERO } else { pace };
@@ -841,7 +1065,7 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
         native,
         metrics: false,
     };
-    match ctx.family {
+    match family {
         Family::Llama => {
             for (i, piece) in pieces.iter().enumerate() {
                 steps.push_back(Step::Chunk {
@@ -916,7 +1140,12 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
             }
         }
     }
-    // The fault comes right after the last piece.
+    push_fault(&mut steps, scenario);
+    steps
+}
+
+/// The fault of a scenario, right after its last piece.
+fn push_fault(steps: &mut VecDeque<Step>, scenario: &Scenario) {
     match scenario {
         Scenario::ExceptionAfter {
             exception_type,
@@ -941,9 +1170,16 @@ fn plan_stream(ctx: &Ctx, scenario: &Scenario) -> VecDeque<Step> {
         }),
         Scenario::DropAfter { .. } => steps.push_back(Step::Abort),
         Scenario::Stall { .. } => steps.push_back(Step::Stall),
+        Scenario::Converse(ConverseAnswer {
+            exception: Some(exception_type),
+            ..
+        }) => steps.push_back(Step::Exception {
+            delay: Duration::ZERO,
+            exception_type: exception_type.clone(),
+            payload: json!({"message": format!("{exception_type} from the emulator")}),
+        }),
         _ => {}
     }
-    steps
 }
 
 fn encode_frame(headers: Vec<(&'static str, String)>, payload: Vec<u8>) -> Vec<u8> {
@@ -972,6 +1208,22 @@ fn heartbeat_frame() -> Vec<u8> {
             (":content-type", "application/json".into()),
         ],
         b"{}".to_vec(),
+    )
+}
+
+/// A ConverseStream event, padded with a random `p` field as Bedrock pads them.
+fn event_frame(event_type: &str, mut payload: Value) -> Vec<u8> {
+    if let Value::Object(obj) = &mut payload {
+        let pad_len = (random_u64() % 40) as usize + 1;
+        obj.insert("p".into(), Value::String(random_letters(pad_len, false)));
+    }
+    encode_frame(
+        vec![
+            (":message-type", "event".into()),
+            (":event-type", event_type.into()),
+            (":content-type", "application/json".into()),
+        ],
+        payload.to_string().into_bytes(),
     )
 }
 
@@ -1034,22 +1286,27 @@ struct Writer {
     kill: Option<Arc<AtomicBool>>,
 }
 
-fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
-    let steps = plan_stream(&ctx, scenario);
-    let (pieces, _, input_tokens) = reply_parts(scenario);
+fn stream_response(
+    st: Shared,
+    ctx: Ctx,
+    steps: VecDeque<Step>,
+    input_tokens: u32,
+    output_tokens: usize,
+) -> Response {
     let writer = Writer {
         steps,
         guard: StreamGuard::new(st),
         started: ctx.started,
         first_byte: None,
         input_tokens,
-        output_tokens: pieces.len(),
+        output_tokens,
         kill: ctx.kill.clone(),
     };
     let stream = futures_util::stream::unfold(writer, |mut w| async move {
         let step = w.steps.pop_front()?;
         let delay = match &step {
             Step::Chunk { delay, .. }
+            | Step::Event { delay, .. }
             | Step::Exception { delay, .. }
             | Step::ErrorFrame { delay, .. } => *delay,
             Step::Abort => Duration::ZERO,
@@ -1078,6 +1335,22 @@ fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
                 }
                 w.guard.chunks += 1;
                 Ok(chunk_frame(&native))
+            }
+            Step::Event {
+                event_type,
+                mut payload,
+                ..
+            } => {
+                if event_type == "metadata"
+                    && let Value::Object(obj) = &mut payload
+                {
+                    obj.insert(
+                        "metrics".into(),
+                        json!({"latencyMs": w.started.elapsed().as_millis() as u64}),
+                    );
+                }
+                w.guard.chunks += 1;
+                Ok(event_frame(event_type, payload))
             }
             Step::Exception {
                 exception_type,
@@ -1116,6 +1389,459 @@ fn stream_response(st: Shared, ctx: Ctx, scenario: &Scenario) -> Response {
         .header("X-Amzn-Bedrock-Content-Type", "application/json")
         .header("x-amzn-RequestId", request_id())
         .body(Body::from_bytes_stream(stream))
+}
+
+// ---------------------------------------------------------------------------
+// Converse
+// ---------------------------------------------------------------------------
+
+/// What a scenario's answer reports in `metadata`: input tokens, and one output
+/// token per delta.
+fn converse_usage(scenario: &Scenario) -> (u32, usize) {
+    match scenario {
+        Scenario::Converse(answer) => {
+            let deltas = answer
+                .blocks
+                .iter()
+                .map(|block| match block {
+                    AnswerBlock::Text(pieces) | AnswerBlock::Reasoning { pieces, .. } => {
+                        pieces.len()
+                    }
+                    AnswerBlock::RedactedReasoning => 1,
+                    AnswerBlock::ToolUse { fragments, .. } => fragments.len(),
+                })
+                .sum();
+            (answer.input_tokens, deltas)
+        }
+        other => {
+            let (pieces, _, input_tokens) = reply_parts(other);
+            (input_tokens, pieces.len())
+        }
+    }
+}
+
+fn converse_stop(stop: NativeStop) -> &'static str {
+    // Converse uses the words of Claude's Messages API.
+    anthropic_stop(stop)
+}
+
+/// The ConverseStream events of a scenario: a Converse answer's blocks, or any other
+/// scenario's pieces as one text block, with the same faults as the native stream.
+fn plan_converse(scenario: &Scenario) -> VecDeque<Step> {
+    let mut steps = VecDeque::new();
+    let text_answer;
+    let (answer, complete) = match scenario {
+        Scenario::Converse(answer) => (answer, answer.exception.is_none()),
+        Scenario::HttpError { .. } => return steps,
+        other => {
+            let (pieces, stop, input_tokens) = reply_parts(other);
+            let pace = match other {
+                Scenario::Reply { pace, .. } => *pace,
+                _ => DEFAULT_PACE,
+            };
+            text_answer = ConverseAnswer {
+                blocks: vec![AnswerBlock::Text(pieces.to_vec())],
+                pace,
+                stop_reason: converse_stop(stop).into(),
+                input_tokens,
+                ..ConverseAnswer::new()
+            };
+            (&text_answer, matches!(other, Scenario::Reply { .. }))
+        }
+    };
+    let event = |event_type: &'static str, delay: Duration, payload: Value| Step::Event {
+        delay,
+        event_type,
+        payload,
+    };
+    steps.push_back(event(
+        "messageStart",
+        Duration::ZERO,
+        json!({"role": "assistant"}),
+    ));
+    let mut first_delta = true;
+    let mut pace = || {
+        if std::mem::take(&mut first_delta) {
+            Duration::ZERO
+        } else {
+            answer.pace
+        }
+    };
+    for (index, block) in answer.blocks.iter().enumerate() {
+        let delta = |delay: Duration, delta: Value| {
+            event(
+                "contentBlockDelta",
+                delay,
+                json!({"delta": delta, "contentBlockIndex": index}),
+            )
+        };
+        match block {
+            AnswerBlock::Text(pieces) => {
+                for piece in pieces {
+                    steps.push_back(delta(pace(), json!({ "text": piece })));
+                }
+            }
+            AnswerBlock::Reasoning { pieces, signature } => {
+                for piece in pieces {
+                    steps.push_back(delta(pace(), json!({"reasoningContent": {"text": piece}})));
+                }
+                if let Some(signature) = signature {
+                    steps.push_back(delta(
+                        Duration::ZERO,
+                        json!({"reasoningContent": {"signature": signature}}),
+                    ));
+                }
+            }
+            AnswerBlock::RedactedReasoning => {
+                let encrypted =
+                    base64::engine::general_purpose::STANDARD.encode(random_letters(32, true));
+                steps.push_back(delta(
+                    pace(),
+                    json!({"reasoningContent": {"redactedContent": encrypted}}),
+                ));
+            }
+            AnswerBlock::ToolUse {
+                id,
+                name,
+                fragments,
+            } => {
+                steps.push_back(event(
+                    "contentBlockStart",
+                    pace(),
+                    json!({"start": {"toolUse": {"toolUseId": id, "name": name}}, "contentBlockIndex": index}),
+                ));
+                for fragment in fragments {
+                    steps.push_back(delta(answer.pace, json!({"toolUse": {"input": fragment}})));
+                }
+            }
+        }
+        // The last block of an answer cut by a fault stays open.
+        if complete || index + 1 < answer.blocks.len() {
+            steps.push_back(event(
+                "contentBlockStop",
+                Duration::ZERO,
+                json!({ "contentBlockIndex": index }),
+            ));
+        }
+    }
+    if complete {
+        steps.push_back(event(
+            "messageStop",
+            Duration::ZERO,
+            json!({"stopReason": answer.stop_reason}),
+        ));
+        let (input_tokens, output_tokens) = converse_usage(scenario);
+        let mut usage = json!({
+            "inputTokens": input_tokens,
+            "outputTokens": output_tokens,
+            "totalTokens": input_tokens as usize + output_tokens,
+        });
+        if let Some(read) = answer.cache_read_input_tokens {
+            usage["cacheReadInputTokens"] = json!(read);
+        }
+        if let Some(write) = answer.cache_write_input_tokens {
+            usage["cacheWriteInputTokens"] = json!(write);
+        }
+        let mut metadata = json!({ "usage": usage });
+        if answer.guardrail_trace {
+            metadata["trace"] =
+                json!({"guardrail": {"modelOutput": ["the answer the guardrail blocked"]}});
+        }
+        steps.push_back(event("metadata", Duration::ZERO, metadata));
+    }
+    push_fault(&mut steps, scenario);
+    steps
+}
+
+const CONVERSE_KEYS: &[&str] = &[
+    "messages",
+    "system",
+    "inferenceConfig",
+    "toolConfig",
+    "guardrailConfig",
+    "additionalModelRequestFields",
+    "additionalModelResponseFieldPaths",
+    "requestMetadata",
+    "performanceConfig",
+    "promptVariables",
+    "serviceTier",
+    "outputConfig",
+];
+
+const CONTENT_BLOCK_KEYS: &[&str] = &[
+    "text",
+    "image",
+    "document",
+    "video",
+    "audio",
+    "toolUse",
+    "toolResult",
+    "guardContent",
+    "cachePoint",
+    "reasoningContent",
+    "citationsContent",
+    "searchResult",
+];
+
+/// Bedrock's checks of a Converse request, with its messages.
+fn validate_converse(body: &Value) -> Result<(), String> {
+    let Value::Object(obj) = body else {
+        return Err("The request body must be a JSON object.".into());
+    };
+    if let Some(key) = obj
+        .keys()
+        .find(|key| !CONVERSE_KEYS.contains(&key.as_str()))
+    {
+        return Err(format!("Unknown field in the request: {key}."));
+    }
+    let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
+        return Err("1 validation error detected: Value null at 'messages' failed to satisfy constraint: Member must not be null".into());
+    };
+    let mut holds_tools = false;
+    let mut previous_calls: Vec<&str> = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        let role = message["role"].as_str().unwrap_or_default();
+        let expected = if i % 2 == 0 { "user" } else { "assistant" };
+        if i == 0 && role != "user" {
+            return Err("A conversation must start with a user message. Try again with a conversation that starts with a user message.".into());
+        }
+        if role != expected {
+            return Err("A conversation must alternate between user and assistant roles. Make sure the conversation alternates between user and assistant roles and try again.".into());
+        }
+        let blocks = message["content"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if blocks.is_empty() {
+            return Err(format!(
+                "The content field in the Message object at messages.{i} is empty. Add a ContentBlock object to the content field and try again."
+            ));
+        }
+        let mut calls = Vec::new();
+        for (j, block) in blocks.iter().enumerate() {
+            let at = format!("messages.{i}.content.{j}");
+            let keys: Vec<&str> = block
+                .as_object()
+                .map(|b| b.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            let [key] = keys.as_slice() else {
+                return Err(format!(
+                    "The ContentBlock object at {at} must set exactly one of: {}.",
+                    CONTENT_BLOCK_KEYS.join(", ")
+                ));
+            };
+            let member = &block[*key];
+            match *key {
+                "text" if member.as_str().is_none_or(|t| t.trim().is_empty()) => {
+                    return Err(format!(
+                        "The text field in the ContentBlock object at {at} is blank. Add text to the text field, and try again."
+                    ));
+                }
+                "image" => validate_media(member, &at, &["png", "jpeg", "gif", "webp"])?,
+                "document" => {
+                    validate_media(
+                        member,
+                        &at,
+                        &[
+                            "pdf", "csv", "doc", "docx", "xls", "xlsx", "html", "txt", "md",
+                        ],
+                    )?;
+                    if member["name"].as_str().is_none_or(str::is_empty) {
+                        return Err(format!("The document at {at} needs a name."));
+                    }
+                }
+                "toolUse" => {
+                    holds_tools = true;
+                    if role != "assistant" {
+                        return Err(format!(
+                            "The toolUse block at {at} must be in an assistant message."
+                        ));
+                    }
+                    calls.push(member["toolUseId"].as_str().unwrap_or_default());
+                }
+                "toolResult" => {
+                    holds_tools = true;
+                    let id = member["toolUseId"].as_str().unwrap_or_default();
+                    if !previous_calls.contains(&id) {
+                        return Err(format!(
+                            "The toolResult block at {at} has toolUseId {id}, which the previous assistant message did not use."
+                        ));
+                    }
+                }
+                "text" | "cachePoint" | "reasoningContent" => {}
+                other if CONTENT_BLOCK_KEYS.contains(&other) => {}
+                other => {
+                    return Err(format!(
+                        "The ContentBlock object at {at} has an unknown key: {other}."
+                    ));
+                }
+            }
+        }
+        previous_calls = calls;
+    }
+    if holds_tools && obj.get("toolConfig").is_none() {
+        return Err("The toolConfig field must be defined when using toolUse and toolResult content blocks.".into());
+    }
+    if let Some(config) = obj.get("toolConfig") {
+        let tools = config["tools"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if tools.is_empty() {
+            return Err("The toolConfig field must hold at least one tool.".into());
+        }
+        for (k, tool) in tools.iter().enumerate() {
+            let spec = &tool["toolSpec"];
+            if tool.get("cachePoint").is_none()
+                && (spec["name"].as_str().is_none() || !spec["inputSchema"]["json"].is_object())
+            {
+                return Err(format!(
+                    "The tool at toolConfig.tools.{k} needs a toolSpec with a name and an inputSchema.json."
+                ));
+            }
+        }
+    }
+    if let Some(inference) = obj.get("inferenceConfig") {
+        if inference
+            .get("maxTokens")
+            .is_some_and(|n| n.as_i64().is_none_or(|n| n < 1))
+        {
+            return Err("The maximum tokens you requested must be at least 1.".into());
+        }
+        for key in ["temperature", "topP"] {
+            if inference
+                .get(key)
+                .is_some_and(|v| v.as_f64().is_none_or(|v| !(0.0..=1.0).contains(&v)))
+            {
+                return Err(format!("inferenceConfig.{key} must be between 0 and 1."));
+            }
+        }
+    }
+    if let Some(guardrail) = obj.get("guardrailConfig")
+        && (guardrail["guardrailIdentifier"].as_str().is_none()
+            || guardrail["guardrailVersion"].as_str().is_none())
+    {
+        return Err(
+            "The guardrailConfig field needs a guardrailIdentifier and a guardrailVersion.".into(),
+        );
+    }
+    Ok(())
+}
+
+/// An image or document: a known `format` and base64 `source.bytes`.
+fn validate_media(member: &Value, at: &str, formats: &[&str]) -> Result<(), String> {
+    let format = member["format"].as_str().unwrap_or_default();
+    if !formats.contains(&format) {
+        return Err(format!(
+            "The format {format} at {at} is not supported; use one of: {}.",
+            formats.join(", ")
+        ));
+    }
+    let bytes = member["source"]["bytes"].as_str().unwrap_or_default();
+    match base64::engine::general_purpose::STANDARD.decode(bytes) {
+        Ok(decoded) if !decoded.is_empty() => Ok(()),
+        _ => Err(format!("The source at {at} must hold base64 bytes.")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// STS AssumeRole (query protocol, XML answers)
+// ---------------------------------------------------------------------------
+
+async fn sts(st: Shared, mut req: Request) -> Response {
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let body = req.take_body().into_string().await.unwrap_or_default();
+    let form: HashMap<String, String> = body
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(key, value)| (form_decode(key), form_decode(value)))
+        .collect();
+    if form.get("Action").map(String::as_str) != Some("AssumeRole") {
+        return sts_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidAction",
+            "Could not find operation",
+        );
+    }
+    let signed = authorization.as_deref().is_some_and(|a| {
+        a.starts_with("AWS4-HMAC-SHA256 Credential=") && a.contains("/sts/aws4_request")
+    });
+    if !signed {
+        return sts_error(
+            StatusCode::FORBIDDEN,
+            "MissingAuthenticationToken",
+            "Request is missing Authentication Token",
+        );
+    }
+    let (Some(role_arn), Some(session_name)) = (form.get("RoleArn"), form.get("RoleSessionName"))
+    else {
+        return sts_error(
+            StatusCode::BAD_REQUEST,
+            "ValidationError",
+            "2 validation errors detected: RoleArn and RoleSessionName must not be null",
+        );
+    };
+    lock(&st).assumed_roles.push(AssumedRole {
+        role_arn: role_arn.clone(),
+        external_id: form.get("ExternalId").cloned(),
+        session_name: Some(session_name.clone()),
+        authorization,
+    });
+    let expiration = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let expiration = aws_smithy_types::DateTime::from(expiration)
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap_or_default();
+    let role_name = role_arn.rsplit('/').next().unwrap_or_default();
+    let xml = format!(
+        r#"<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleResult>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::123456789012:assumed-role/{role_name}/{session_name}</Arn>
+      <AssumedRoleId>AROAEMULATOR:{session_name}</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <AccessKeyId>{ASSUMED_ACCESS_KEY}</AccessKeyId>
+      <SecretAccessKey>{}</SecretAccessKey>
+      <SessionToken>{}</SessionToken>
+      <Expiration>{expiration}</Expiration>
+    </Credentials>
+  </AssumeRoleResult>
+  <ResponseMetadata>
+    <RequestId>{}</RequestId>
+  </ResponseMetadata>
+</AssumeRoleResponse>"#,
+        random_letters(40, true),
+        random_letters(64, true),
+        request_id(),
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("text/xml")
+        .header("x-amzn-RequestId", request_id())
+        .body(xml)
+}
+
+fn sts_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let sender = if status.is_client_error() {
+        "Sender"
+    } else {
+        "Receiver"
+    };
+    Response::builder()
+        .status(status)
+        .content_type("text/xml")
+        .body(format!(
+            r#"<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>{sender}</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>{}</RequestId></ErrorResponse>"#,
+            request_id()
+        ))
+}
+
+/// `application/x-www-form-urlencoded` text.
+fn form_decode(s: &str) -> String {
+    percent_decode(&s.replace('+', " "))
 }
 
 // ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use crate::emulator::{Emulator, NativeStop, Operation, Scenario, StreamEnd};
 const LLAMA: &str = "meta.llama3-70b-instruct-v1:0";
 const CLAUDE: &str = "anthropic.claude-3-haiku-20240307-v1:0";
 
-fn client(emu: &Emulator, retries: bool) -> Client {
+pub(crate) fn client(emu: &Emulator, retries: bool) -> Client {
     let mut conf = aws_sdk_bedrockruntime::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))

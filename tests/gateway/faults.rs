@@ -1,6 +1,6 @@
 //! The fault matrix: every upstream fault, before and during the answer, through every
-//! transport, gives the mapped status / event / frame, the upstream call ends, and the
-//! server carries on.
+//! transport, for a native model and a Converse one, gives the mapped status / event /
+//! frame, the upstream call ends, and the server carries on.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{App, LLAMA_ID, TestApp, registry};
 use crate::client::{all_sse_events, connect, connect_json, next_json, next_text};
+use crate::converse::{CLAUDE_37, converse_registry};
 use crate::emulator::{Scenario, StreamEnd};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +31,12 @@ enum Seen {
     Streamed(Vec<String>, String),
 }
 
-async fn observe(app: &App, transport: Transport) -> Seen {
+/// What a client of `transport` sees when it asks `model`.
+async fn observe(app: &App, model: &str, transport: Transport) -> Seen {
     match transport {
         Transport::Invoke => {
             let response = app
-                .post("/invoke", &json!({"model": "llama3", "prompt": "hi"}))
+                .post("/invoke", &json!({"model": model, "prompt": "hi"}))
                 .await;
             let status = response.status().as_u16();
             let body: Value = response.json().await.unwrap();
@@ -48,7 +50,7 @@ async fn observe(app: &App, transport: Transport) -> Seen {
             }
         }
         Transport::Sse => {
-            let response = app.get("/stream?model=llama3&prompt=hi").await;
+            let response = app.get(&format!("/stream?model={model}&prompt=hi")).await;
             let status = response.status().as_u16();
             if status != 200 {
                 let body: Value = response.json().await.unwrap();
@@ -70,7 +72,7 @@ async fn observe(app: &App, transport: Transport) -> Seen {
             )
         }
         Transport::WsJson => {
-            let mut socket = connect_json(app, "llama3").await;
+            let mut socket = connect_json(app, model).await;
             socket
                 .send(Message::text(r#"{"prompt": "hi"}"#))
                 .await
@@ -91,7 +93,7 @@ async fn observe(app: &App, transport: Transport) -> Seen {
             }
         }
         Transport::WsText => {
-            let mut socket = connect(app, "model=llama3&streaming=1").await;
+            let mut socket = connect(app, &format!("model={model}&streaming=1")).await;
             socket.send(Message::text("hi")).await.unwrap();
             let mut pieces = Vec::new();
             loop {
@@ -160,15 +162,28 @@ fn cut(sent: &[&str], code: &str) -> [(Transport, Seen); 3] {
     ]
 }
 
+/// The registry with the Converse model, every model with short timeouts and no retries.
+fn impatient(url: &str) -> String {
+    converse_registry("")(url).replace(
+        "endpoint_url",
+        "upstream = { max_attempts = 1, first_token_timeout = \"400ms\", idle_timeout = \"400ms\", total_timeout = \"2s\" }\nendpoint_url",
+    )
+}
+
 #[tokio::test]
 async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_error() {
-    let app = TestApp::new().registry(|url| {
-            registry(url).replace(
-                "endpoint_url",
-                "upstream = { max_attempts = 1, first_token_timeout = \"400ms\", idle_timeout = \"400ms\", total_timeout = \"2s\" }\nendpoint_url",
-            )
-        }).spawn()
-    .await;
+    fault_matrix("llama3", LLAMA_ID).await;
+}
+
+#[tokio::test]
+async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_error_through_converse()
+{
+    fault_matrix("claude", CLAUDE_37).await;
+}
+
+/// Runs every fault of the matrix against `model` (whose Bedrock id is `model_id`).
+async fn fault_matrix(model: &str, model_id: &str) {
+    let app = TestApp::new().registry(impatient).spawn().await;
     let partial = ["partial", " answer"];
     let mut matrix: Vec<Case> = vec![
         (
@@ -272,16 +287,17 @@ async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_erro
 
     let mut checked = 0;
     for (fault, scenario, expectations) in matrix {
-        app.emulator.script(LLAMA_ID, scenario.clone());
+        app.emulator.script(model_id, scenario.clone());
         for (transport, expected) in expectations {
             let ended_before = app
                 .emulator
                 .wait_streams_ended(0, Duration::ZERO)
                 .await
                 .len();
-            let seen = tokio::time::timeout(Duration::from_secs(10), observe(&app, transport))
-                .await
-                .unwrap_or_else(|_| panic!("{fault} via {transport:?}: the client got no end"));
+            let seen =
+                tokio::time::timeout(Duration::from_secs(10), observe(&app, model, transport))
+                    .await
+                    .unwrap_or_else(|_| panic!("{fault} via {transport:?}: the client got no end"));
             assert_eq!(seen, expected, "{fault} via {transport:?}");
             if !matches!(scenario, Scenario::HttpError { .. }) {
                 let ends = app
@@ -308,7 +324,7 @@ async fn every_upstream_fault_in_every_phase_and_transport_gives_its_mapped_erro
         200,
         "the server carries on"
     );
-    println!("fault matrix: {checked} (fault, phase, transport) cases");
+    println!("fault matrix of {model}: {checked} (fault, phase, transport) cases");
 }
 
 #[tokio::test]

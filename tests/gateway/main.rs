@@ -8,6 +8,7 @@ mod client;
 mod cluster;
 mod cluster_limits;
 mod container;
+mod converse;
 mod emulator;
 mod emulator_selftest;
 mod faults;
@@ -19,6 +20,8 @@ mod invoke;
 mod limits;
 #[cfg(feature = "local")]
 mod local;
+mod openai;
+mod openai_compat;
 mod operations;
 mod schema;
 mod service;

@@ -6,24 +6,25 @@ use std::{
     time::Duration,
 };
 
+use aws_config::sts::AssumeRoleProvider;
 use aws_config::{
     BehaviorVersion, Region, SdkConfig, environment::EnvironmentVariableRegionProvider,
     meta::region::RegionProviderChain, profile::ProfileFileRegionProvider,
 };
-use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_bedrockruntime::{
     Client,
     config::{StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig},
 };
 
-use super::BedrockSpec;
+use super::{BedrockSpec, config::Role};
 use crate::provider::UpstreamSettings;
 
 /// The region used when neither the model entry, `AWS_REGION` nor the AWS profile names one.
 const FALLBACK_REGION: &str = "us-east-1";
 
-/// One SDK client per distinct (region, endpoint_url, connect timeout, attempts), built at
-/// start-up and shared.
+/// One SDK client per distinct (region, endpoint_url, role, connect timeout, attempts), built
+/// at start-up and shared.
 pub struct ClientPool {
     base: SdkConfig,
     clients: HashMap<ClientKey, Client>,
@@ -48,6 +49,7 @@ impl Credentials {
 struct ClientKey {
     region: Option<String>,
     endpoint_url: Option<String>,
+    role: Option<Role>,
     connect_timeout: Duration,
     max_attempts: u32,
 }
@@ -84,34 +86,55 @@ impl ClientPool {
         }
     }
 
-    pub fn client(&mut self, spec: &BedrockSpec, upstream: &UpstreamSettings) -> Client {
+    pub async fn client(&mut self, spec: &BedrockSpec, upstream: &UpstreamSettings) -> Client {
         let key = ClientKey {
             region: spec.region.clone(),
             endpoint_url: spec.endpoint_url.clone(),
+            role: spec.role.clone(),
             connect_timeout: upstream.connect_timeout,
             max_attempts: upstream.max_attempts,
         };
-        self.clients
-            .entry(key)
-            .or_insert_with_key(|key| {
-                let mut config = aws_sdk_bedrockruntime::config::Builder::from(&self.base)
-                    .timeout_config(
-                        TimeoutConfig::builder()
-                            .connect_timeout(key.connect_timeout)
-                            .build(),
-                    )
-                    .retry_config(RetryConfig::standard().with_max_attempts(key.max_attempts))
-                    // The gateway enforces its own `idle_timeout` between chunks.
-                    .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
-                if let Some(region) = &key.region {
-                    config = config.region(Region::new(region.clone()));
-                }
-                if let Some(url) = &key.endpoint_url {
-                    config = config.endpoint_url(url);
-                }
-                Client::from_conf(config.build())
-            })
-            .clone()
+        if let Some(client) = self.clients.get(&key) {
+            return client.clone();
+        }
+        let mut config = aws_sdk_bedrockruntime::config::Builder::from(&self.base)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(key.connect_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(key.max_attempts))
+            // The gateway enforces its own `idle_timeout` between chunks.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+        if let Some(region) = &key.region {
+            config = config.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &key.endpoint_url {
+            config = config.endpoint_url(url);
+        }
+        if let Some(role) = &key.role {
+            config = config.credentials_provider(self.assume_role(role, &key.region).await);
+        }
+        let client = Client::from_conf(config.build());
+        self.clients.insert(key, client.clone());
+        client
+    }
+
+    /// Credentials of `role`, assumed with the default chain's. The client's identity cache
+    /// keeps them and asks STS again before they expire. Nothing is asked at start-up: a
+    /// role that cannot be assumed fails the requests that need it, with STS's reason.
+    async fn assume_role(&self, role: &Role, region: &Option<String>) -> SharedCredentialsProvider {
+        let mut builder = AssumeRoleProvider::builder(&role.arn).configure(&self.base);
+        if let Some(region) = region {
+            builder = builder.region(Region::new(region.clone()));
+        }
+        if let Some(id) = &role.external_id {
+            builder = builder.external_id(id);
+        }
+        if let Some(name) = &role.session_name {
+            builder = builder.session_name(name);
+        }
+        SharedCredentialsProvider::new(builder.build().await)
     }
 
     pub fn credentials(&self) -> Credentials {

@@ -3,7 +3,6 @@
 use aws_sdk_bedrockruntime::{
     config::http::HttpResponse,
     error::{ProvideErrorMetadata, SdkError},
-    types::error::ResponseStreamError,
 };
 use aws_smithy_types::event_stream::RawMessage;
 
@@ -25,43 +24,32 @@ where
     }
 }
 
-/// Maps an error received in the middle of a response stream.
-pub fn stream_error(err: SdkError<ResponseStreamError, RawMessage>, model: &str) -> Error {
+/// Maps an error received in the middle of a response stream (InvokeModelWithResponseStream's
+/// or ConverseStream's).
+pub fn stream_error<E>(err: SdkError<E, RawMessage>, model: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
     match &err {
         SdkError::ServiceError(service) => {
-            let name = match service.err() {
-                ResponseStreamError::InternalServerException(_) => "InternalServerException",
-                ResponseStreamError::ModelStreamErrorException(_) => "ModelStreamErrorException",
-                ResponseStreamError::ValidationException(_) => "ValidationException",
-                ResponseStreamError::ThrottlingException(_) => "ThrottlingException",
-                ResponseStreamError::ModelTimeoutException(_) => "ModelTimeoutException",
-                ResponseStreamError::ServiceUnavailableException(_) => {
-                    "ServiceUnavailableException"
-                }
-                other => other.code().unwrap_or("UnknownException"),
-            };
-            exception(Some(name), service.err().message(), model)
+            // The frame's `:exception-type` names the exception, modeled by the operation
+            // or not (ConverseStream does not model `modelTimeoutException`).
+            let name = header(service.raw(), ":exception-type");
+            exception(
+                name.as_deref().or(service.err().code()),
+                service.err().message(),
+                model,
+            )
         }
         // An unmodeled `:message-type error` frame: the SDK cannot unmarshal it, but the raw
         // frame still carries Bedrock's code and message.
-        SdkError::ResponseError(response) => match response.raw() {
-            RawMessage::Decoded(message) => {
-                let header = |name: &str| {
-                    message
-                        .headers()
-                        .iter()
-                        .find(|header| header.name().as_str() == name)
-                        .and_then(|header| header.value().as_string().ok())
-                        .map(|value| value.as_str().to_owned())
-                };
-                match header(":error-code") {
-                    Some(code) => {
-                        exception(Some(&code), header(":error-message").as_deref(), model)
-                    }
-                    None => transport_error(&err, model),
-                }
-            }
-            _ => transport_error(&err, model),
+        SdkError::ResponseError(response) => match header(response.raw(), ":error-code") {
+            Some(code) => exception(
+                Some(&code),
+                header(response.raw(), ":error-message").as_deref(),
+                model,
+            ),
+            None => transport_error(&err, model),
         },
         // The answer had begun: whatever broke the connection, the answer is broken.
         SdkError::DispatchFailure(_) => Error::Upstream(format!(
@@ -70,6 +58,19 @@ pub fn stream_error(err: SdkError<ResponseStreamError, RawMessage>, model: &str)
         )),
         _ => transport_error(&err, model),
     }
+}
+
+/// A string header of an event-stream frame.
+fn header(raw: &RawMessage, name: &str) -> Option<String> {
+    let RawMessage::Decoded(message) = raw else {
+        return None;
+    };
+    message
+        .headers()
+        .iter()
+        .find(|header| header.name().as_str() == name)
+        .and_then(|header| header.value().as_string().ok())
+        .map(|value| value.as_str().to_owned())
 }
 
 /// Errors below the service: connection refused or lost, credentials missing, timeouts.
@@ -139,6 +140,9 @@ fn find_source<'a, T: std::error::Error + 'static>(
     None
 }
 
+/// The geographies of Bedrock's cross-region inference profile ids.
+const PROFILE_PREFIXES: [&str; 4] = ["us", "eu", "apac", "global"];
+
 /// Maps a Bedrock exception, named as in its API (any case), to the gateway's error.
 fn exception(name: Option<&str>, message: Option<&str>, model: &str) -> Error {
     let name = name.unwrap_or("UnknownException");
@@ -150,10 +154,20 @@ fn exception(name: Option<&str>, message: Option<&str>, model: &str) -> Error {
             ))
         }
         "validationexception" if message.contains("inference profile") => {
+            // "Invocation of model ID <id> with on-demand throughput isn't supported. …"
+            let profiles = match message
+                .split_once("model ID ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+            {
+                Some(id) => PROFILE_PREFIXES
+                    .map(|prefix| format!("`{prefix}.{id}`"))
+                    .join(", "),
+                None => "`us.<model id>`".to_owned(),
+            };
             Error::InvalidRequest(format!(
                 "Bedrock rejected the request for model `{model}`: {message}. This model must be \
-                 called through an inference profile: set its `model_id` to a profile id such as \
-                 `us.<model id>` or to the profile's ARN"
+                 called through an inference profile: set its `model_id` to a profile id that \
+                 your account and region can use, such as {profiles}, or to the profile's ARN"
             ))
         }
         "validationexception" => Error::InvalidRequest(format!(
@@ -211,6 +225,11 @@ mod tests {
             ),
             "small",
         );
-        assert!(err.to_string().contains("`us.<model id>`"), "{err}");
+        assert!(
+            err.to_string().contains(
+                "`us.meta.llama3-2-1b-instruct-v1:0`, `eu.meta.llama3-2-1b-instruct-v1:0`"
+            ),
+            "{err}"
+        );
     }
 }
