@@ -753,7 +753,7 @@ mod tests {
     fn the_bundled_configuration_is_valid() {
         let config = Config::parse(BUNDLED, "bundled").unwrap();
         let names: Vec<_> = config.models.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["local", "llama3", "anthropic"]);
+        assert_eq!(names, ["local", "llama3", "anthropic", "claude"]);
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct ModelInfo {
     pub provider: String,
     /// Bedrock's model id; for a local model, its GGUF file's name.
     pub model_id: String,
-    /// Native body format: `llama3` or `anthropic`; `gguf` for a local model.
+    /// How a Bedrock model is called: `converse`, or a native body format (`llama3`,
+    /// `anthropic`); `gguf` for a local model.
     pub format: String,
     pub state: ModelState,
     /// Why the model is `failed` or `unavailable`: what its requests' 503 says.

@@ -9,6 +9,7 @@
 mod client;
 mod clock;
 mod connections;
+mod converse;
 mod invoke;
 mod mock;
 mod openai;
@@ -191,14 +192,21 @@ impl Bench {
         let report = &mut self.report;
         report.group("Streaming: time to first chunk, one stream at a time");
         let direct = streams::first_chunk(Transport::Direct, mock.addr, 300).await?;
-        for transport in [Transport::Sse, Transport::Ws] {
+        let direct_converse =
+            streams::first_chunk(Transport::DirectConverse, mock.addr, 300).await?;
+        for transport in [Transport::Sse, Transport::Ws, Transport::SseConverse] {
             let through = streams::first_chunk(transport, gateway.addr, 300).await?;
+            // Each API against the mock's own stream of that API.
+            let direct = match transport {
+                Transport::SseConverse => &direct_converse,
+                _ => &direct,
+            };
             let name = transport.name();
             report.record(
                 &format!("{name} first chunk p50"),
                 "µs",
                 micros(&through, 50.0),
-                Some(micros(&direct, 50.0)),
+                Some(micros(direct, 50.0)),
                 Derived::Added,
                 None,
             );
@@ -206,7 +214,7 @@ impl Bench {
                 &format!("{name} first chunk p99"),
                 "µs",
                 micros(&through, 99.0),
-                Some(micros(&direct, 99.0)),
+                Some(micros(direct, 99.0)),
                 Derived::Added,
                 Some(Goal {
                     text: "added < 200 µs",
@@ -233,6 +241,16 @@ impl Bench {
                 let through =
                     streams::paced(transport, gateway.addr, n, || gateway.cpu_seconds()).await?;
                 self.record_paced(n, transport, &through, &direct);
+            }
+            // ConverseStream beside InvokeModelWithResponseStream, at 100 and 1000 streams.
+            if CONCURRENT.contains(&n) {
+                let direct =
+                    streams::paced(Transport::DirectConverse, mock.addr, n, || 0.0).await?;
+                let through = streams::paced(Transport::SseConverse, gateway.addr, n, || {
+                    gateway.cpu_seconds()
+                })
+                .await?;
+                self.record_paced(n, Transport::SseConverse, &through, &direct);
             }
         }
         Ok(())

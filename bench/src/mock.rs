@@ -1,6 +1,7 @@
 //! The upstream: a lean Bedrock Runtime mock speaking the real wire protocol (InvokeModel
-//! JSON and `application/vnd.amazon.eventstream` frames), run as its own process so that
-//! its CPU is not the gateway's and its sockets do not count against the bench's limit.
+//! JSON and `application/vnd.amazon.eventstream` frames, InvokeModelWithResponseStream's
+//! and ConverseStream's), run as its own process so that its CPU is not the gateway's and
+//! its sockets do not count against the bench's limit.
 //!
 //! The behaviour is chosen by the model id, `meta.llama3-bench-{scenario}`:
 //! - `{n}x{ms}`: a stream of `n` chunks, `ms` milliseconds apart (the first at once);
@@ -21,9 +22,9 @@ use hyper::{Request, Response, body::Frame, body::Incoming, service::service_fn}
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::clock;
+use crate::{clock, converse};
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// What the mock answers to InvokeModel, whatever the prompt: encoded once.
 const INVOKE_ANSWER: &str = r#"{"generation":"The capital of France is Paris.","prompt_token_count":19,"generation_token_count":8,"stop_reason":"stop"}"#;
@@ -98,7 +99,14 @@ async fn answer(request: Request<Incoming>) -> Result<Response<Body>, Infallible
         Response::builder()
             .header("content-type", "application/vnd.amazon.eventstream")
             .header("x-amzn-bedrock-content-type", "application/json")
-            .body(event_stream(scenario))
+            .body(event_stream(scenario, chunk_frame))
+    } else if let Some(scenario) = path
+        .strip_suffix("/converse-stream")
+        .and_then(Scenario::parse)
+    {
+        Response::builder()
+            .header("content-type", "application/vnd.amazon.eventstream")
+            .body(event_stream(scenario, converse::frames))
     } else {
         Response::builder()
             .status(404)
@@ -108,7 +116,8 @@ async fn answer(request: Request<Incoming>) -> Result<Response<Body>, Infallible
     Ok(response.expect("a response built from constants"))
 }
 
-fn event_stream(scenario: Scenario) -> Body {
+/// The scenario's stream: `frame(stamp, first, last)` for each chunk, on pace.
+fn event_stream(scenario: Scenario, frame: fn(u64, bool, bool) -> Bytes) -> Body {
     let (chunks, pace) = match scenario {
         Scenario::Paced { chunks, pace } => (chunks, pace),
         Scenario::Silent => (1, Duration::ZERO),
@@ -120,7 +129,7 @@ fn event_stream(scenario: Scenario) -> Body {
             tokio::time::sleep_until(start + pace * index).await;
         }
         let last = index + 1 == chunks && scenario != Scenario::Silent;
-        Ok(Frame::data(chunk_frame(clock::now_ns(), last)))
+        Ok(Frame::data(frame(clock::now_ns(), index == 0, last)))
     });
     match scenario {
         Scenario::Silent => StreamBody::new(frames.chain(stream::pending())).boxed_unsync(),
@@ -129,7 +138,7 @@ fn event_stream(scenario: Scenario) -> Body {
 }
 
 /// One eventstream `chunk` event carrying a Llama 3 stream object whose text is `stamp`.
-fn chunk_frame(stamp: u64, last: bool) -> Bytes {
+fn chunk_frame(stamp: u64, _first: bool, last: bool) -> Bytes {
     let native = if last {
         format!(
             r#"{{"generation":"{stamp}","prompt_token_count":null,"generation_token_count":64,"stop_reason":"stop","amazon-bedrock-invocationMetrics":{{"inputTokenCount":19,"outputTokenCount":64,"invocationLatency":1,"firstByteLatency":1}}}}"#
@@ -143,22 +152,27 @@ fn chunk_frame(stamp: u64, last: bool) -> Bytes {
         r#"{{"bytes":"{}"}}"#,
         base64::engine::general_purpose::STANDARD.encode(native)
     );
-    let message = Message::new(payload.into_bytes())
+    let mut frame = Vec::with_capacity(256);
+    write_event(&mut frame, "chunk", payload.into_bytes());
+    Bytes::from(frame)
+}
+
+/// Appends one eventstream event of `event_type` to `out`.
+pub fn write_event(out: &mut Vec<u8>, event_type: &str, payload: Vec<u8>) {
+    let message = Message::new(payload)
         .add_header(Header::new(
             ":message-type",
             HeaderValue::String("event".into()),
         ))
         .add_header(Header::new(
             ":event-type",
-            HeaderValue::String("chunk".into()),
+            HeaderValue::String(event_type.to_owned().into()),
         ))
         .add_header(Header::new(
             ":content-type",
             HeaderValue::String("application/json".into()),
         ));
-    let mut frame = Vec::with_capacity(256);
-    write_message_to(&message, &mut frame).expect("a small message encodes");
-    Bytes::from(frame)
+    write_message_to(&message, out).expect("a small message encodes");
 }
 
 /// The text of an eventstream chunk frame's native payload (for clients reading the mock

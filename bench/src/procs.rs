@@ -202,10 +202,10 @@ pub fn start_gateway_with_env(
 }
 
 fn registry(mock: SocketAddr) -> String {
-    let model = |name: &str, model_id: &str| {
+    let model = |name: &str, model_id: &str, format: &str| {
         format!(
             "[[models]]\nname = \"{name}\"\nprovider = \"bedrock\"\nmodel_id = \"{model_id}\"\n\
-             format = \"llama3\"\nregion = \"us-east-1\"\nendpoint_url = \"http://{mock}\"\n\n"
+             format = \"{format}\"\nregion = \"us-east-1\"\nendpoint_url = \"http://{mock}\"\n\n"
         )
     };
     // The production caps on calls in flight (512 and 128) would refuse most of the bench's
@@ -213,9 +213,15 @@ fn registry(mock: SocketAddr) -> String {
     let mut text = "max_concurrent_upstream = 1000000\n\n[upstream]\nmax_concurrent = 1000000\n\
                     idle_timeout = \"10m\"\n\n"
         .to_owned();
-    text.push_str(&model(INVOKE_MODEL, "meta.llama3-bench-invoke"));
+    text.push_str(&model(INVOKE_MODEL, "meta.llama3-bench-invoke", "llama3"));
     for scenario in SCENARIOS {
-        text.push_str(&model(&scenario.name(), &scenario.model_id()));
+        text.push_str(&model(&scenario.name(), &scenario.model_id(), "llama3"));
+        // The same answer through ConverseStream.
+        text.push_str(&model(
+            &crate::streams::converse_model(*scenario),
+            &scenario.model_id(),
+            "converse",
+        ));
     }
     text
 }

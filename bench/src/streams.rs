@@ -22,7 +22,7 @@ use tokio_tungstenite::{WebSocketStream, tungstenite::Message};
 
 use crate::{
     client::{Connection, connect_tcp},
-    clock,
+    clock, converse,
     invoke::histogram,
     mock::{self, Scenario},
 };
@@ -37,6 +37,10 @@ pub enum Transport {
     Ws,
     /// `POST /v1/chat/completions` with `stream: true` through the gateway.
     OpenAi,
+    /// The mock's ConverseStream, read directly: the baseline of `SseConverse`.
+    DirectConverse,
+    /// `GET /stream` through the gateway, of a model with `format = "converse"`.
+    SseConverse,
 }
 
 impl Transport {
@@ -46,8 +50,15 @@ impl Transport {
             Transport::Sse => "SSE",
             Transport::Ws => "WS",
             Transport::OpenAi => "OpenAI",
+            Transport::DirectConverse => "direct ConverseStream",
+            Transport::SseConverse => "SSE via ConverseStream",
         }
     }
+}
+
+/// The registry name of the Converse model of `scenario` (`procs::registry`).
+pub fn converse_model(scenario: Scenario) -> String {
+    format!("converse-{}", scenario.name())
 }
 
 /// What a stream delivers to its client.
@@ -86,7 +97,11 @@ impl StreamClient {
         scenario: Scenario,
     ) -> anyhow::Result<StreamClient> {
         let inner = match transport {
-            Transport::Direct | Transport::Sse | Transport::OpenAi => Inner::Http {
+            Transport::Direct
+            | Transport::Sse
+            | Transport::OpenAi
+            | Transport::DirectConverse
+            | Transport::SseConverse => Inner::Http {
                 connection: Connection::open(addr).await?,
                 body: None,
                 buffer: BytesMut::new(),
@@ -117,6 +132,16 @@ impl StreamClient {
                         "POST",
                         "/v1/chat/completions".to_owned(),
                         crate::openai::stream_request(&scenario.name()),
+                    ),
+                    Transport::DirectConverse => (
+                        "POST",
+                        format!("/model/{}/converse-stream", scenario.model_id()),
+                        Bytes::from_static(converse::REQUEST),
+                    ),
+                    Transport::SseConverse => (
+                        "GET",
+                        format!("/stream?model={}&prompt=hi", converse_model(scenario)),
+                        Bytes::new(),
                     ),
                     _ => (
                         "GET",
@@ -232,6 +257,15 @@ fn parse_buffered(
             }
             DecodedFrame::Incomplete => Ok(None),
         };
+    }
+    if transport == Transport::DirectConverse {
+        // Only `contentBlockDelta` events carry text; the others are read past.
+        while let DecodedFrame::Complete(message) = decoder.decode_frame(&mut *buffer)? {
+            if let Some(stamp) = converse::stamp_of_frame(&message) {
+                return Ok(Some(Some(Event::Chunk { stamp, received })));
+            }
+        }
+        return Ok(None);
     }
     let Some(end) = buffer.windows(2).position(|pair| pair == b"\n\n") else {
         return Ok(None);

@@ -2,14 +2,18 @@
 //! assumed roles, through every transport, as the emulator's ConverseStream answers them and
 //! as it received the requests.
 
+use std::time::Duration;
+
 use base64::Engine as _;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{ACCESS_KEY, App, TestApp, registry};
-use crate::client::{all_sse_events, connect, connect_json, expect_error, next_json, next_text};
-use crate::emulator::{ASSUMED_ACCESS_KEY, Operation, Recorded, Scenario};
+use crate::client::{
+    all_sse_events, connect, connect_json, expect_error, next_json, next_text, sse_events,
+};
+use crate::emulator::{ASSUMED_ACCESS_KEY, DENIED_ROLE_SUFFIX, Operation, Recorded, Scenario};
 
 /// A Claude 3.7 inference profile id: Converse is inferred for it.
 pub const CLAUDE_37: &str = "us.anthropic.claude-3-7-sonnet-20250219-v1:0";
@@ -407,6 +411,21 @@ async fn prompt_caching_puts_cache_points_and_reports_cache_tokens() {
             json!({"cachePoint": {"type": "default"}})
         );
     }
+    // This model does not allow per-request fields.
+    let message = expect_error(
+        app.post(
+            "/invoke",
+            &json!({"model": "claude", "prompt": "hi", "additional_fields": {"top_k": 5}}),
+        )
+        .await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(
+        message.contains("allow_request_additional_fields"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -448,6 +467,31 @@ async fn a_model_with_a_role_calls_bedrock_with_the_assumed_credentials() {
         .await;
     let native = app.emulator.requests().pop().unwrap();
     assert_eq!(native.access_key(), Some(ACCESS_KEY));
+}
+
+#[tokio::test]
+async fn a_role_that_cannot_be_assumed_fails_the_request_with_sts_reason() {
+    let fields = format!("role_arn = \"arn:aws:iam::210987654321{DENIED_ROLE_SUFFIX}\"");
+    let app = TestApp::new()
+        .registry(converse_registry(&fields))
+        .env_from_emulator("AWS_ENDPOINT_URL_STS")
+        .spawn()
+        .await;
+    let message = expect_error(
+        app.post("/invoke", &json!({"model": "claude", "prompt": "hi"}))
+            .await,
+        503,
+        "upstream_unavailable",
+    )
+    .await;
+    assert!(
+        message.contains("not authorized to perform: sts:AssumeRole"),
+        "{message}"
+    );
+    assert!(
+        app.emulator.requests().is_empty(),
+        "nothing reaches Bedrock"
+    );
 }
 
 #[tokio::test]
@@ -660,4 +704,30 @@ async fn the_emulator_refuses_what_bedrock_refuses_in_a_converse_request() {
         .await
         .contains("is blank")
     );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_in_the_middle_of_a_tool_call_stops_the_converse_stream() {
+    let app = TestApp::new()
+        .registry(converse_registry(""))
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse()
+                .text(["Calling."])
+                .tool_use("t1", "weather", ["{\"city\"", ": \"Paris\"", "}"])
+                // The emulator sees a client leave on its next write: one every 300 ms.
+                .paced(Duration::from_millis(300)),
+        )
+        .spawn()
+        .await;
+    let response = app
+        .post(
+            "/stream",
+            &json!({"model": "claude", "prompt": "Weather?", "tools": weather_tool()}),
+        )
+        .await;
+    let mut events = sse_events(response);
+    assert_eq!(events.next().await.unwrap().event, "chunk");
+    drop(events);
+    app.assert_upstream_closed_within_a_second().await;
 }

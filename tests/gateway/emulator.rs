@@ -77,6 +77,8 @@ pub struct AssumedRole {
 
 /// The access key of the temporary credentials every `AssumeRole` call gets.
 pub const ASSUMED_ACCESS_KEY: &str = "ASIAEMULATORASSUMED1";
+/// `AssumeRole` of a role ARN ending with this is refused with `AccessDenied`.
+pub const DENIED_ROLE_SUFFIX: &str = ":role/denied";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
@@ -215,7 +217,6 @@ impl Scenario {
         }
     }
 
-    /// A [`Scenario::Reply`] with its pieces `pace` apart.
     /// Stall after these pieces (see [`Scenario::Stall`]).
     pub fn stall(pieces: impl IntoIterator<Item = impl ToString>) -> Scenario {
         Scenario::Stall {
@@ -223,6 +224,7 @@ impl Scenario {
         }
     }
 
+    /// A [`Scenario::Reply`] or Converse answer with its pieces `every` apart.
     pub fn paced(mut self, every: Duration) -> Scenario {
         match &mut self {
             Scenario::Converse(answer) => answer.pace = every,
@@ -237,7 +239,7 @@ impl Scenario {
         self
     }
 
-    /// A [`Scenario::Reply`] that reports `count` input tokens.
+    /// A [`Scenario::Reply`] or Converse answer that reports `count` input tokens.
     pub fn input_tokens(mut self, count: u32) -> Scenario {
         match &mut self {
             Scenario::Converse(answer) => answer.input_tokens = count,
@@ -1790,6 +1792,15 @@ async fn sts(st: Shared, mut req: Request) -> Response {
         session_name: Some(session_name.clone()),
         authorization,
     });
+    if role_arn.ends_with(DENIED_ROLE_SUFFIX) {
+        return sts_error(
+            StatusCode::FORBIDDEN,
+            "AccessDenied",
+            &format!(
+                "User: arn:aws:iam::123456789012:user/gateway is not authorized to perform: sts:AssumeRole on resource: {role_arn}"
+            ),
+        );
+    }
     let expiration = std::time::SystemTime::now() + Duration::from_secs(3600);
     let expiration = aws_smithy_types::DateTime::from(expiration)
         .fmt(aws_smithy_types::date_time::Format::DateTime)

@@ -17,7 +17,7 @@ use aws_sdk_bedrockruntime::{
     config::{StalledStreamProtectionConfig, retry::RetryConfig, timeout::TimeoutConfig},
 };
 
-use super::{BedrockSpec, config::Role};
+use super::{BedrockSpec, config::Role, error::error_chain};
 use crate::provider::UpstreamSettings;
 
 /// The region used when neither the model entry, `AWS_REGION` nor the AWS profile names one.
@@ -75,7 +75,7 @@ impl ClientPool {
             tokio::spawn(async move {
                 if let Err(err) = chain.provide_credentials().await {
                     // Set once, here only.
-                    let _ = missing.set(err.to_string());
+                    let _ = missing.set(error_chain(&err));
                 }
             });
         }

@@ -281,3 +281,93 @@ impl ProviderSpec for BedrockSpec {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(toml: &str) -> Result<BedrockSpec, String> {
+        toml::from_str::<BedrockConfig>(toml)
+            .map_err(|err| err.to_string())?
+            .validate()
+            .map_err(|invalid| invalid.message)
+    }
+
+    #[test]
+    fn converse_fields_are_read_and_refused_on_native_formats_naming_the_field() {
+        let spec = validate(
+            r#"model_id = "us.anthropic.claude-3-7-sonnet-20250219-v1:0"
+guardrail = { id = "gr-1", version = "DRAFT" }
+additional_fields = { top_k = 50, thinking = { type = "enabled", budget_tokens = 2048 } }
+allow_request_additional_fields = true
+cache_prompt = true"#,
+        )
+        .unwrap();
+        assert_eq!(spec.format, Format::Converse);
+        assert_eq!(
+            spec.converse.guardrail.as_ref().map(|g| g.trace),
+            Some(GuardrailTrace::Disabled)
+        );
+        assert_eq!(
+            Value::Object(spec.converse.additional_fields.clone()),
+            serde_json::json!({"top_k": 50, "thinking": {"type": "enabled", "budget_tokens": 2048}})
+        );
+        assert!(spec.accepts().additional_fields && spec.accepts().images);
+        let native = |field: &str| {
+            validate(&format!(
+                "model_id = \"meta.llama3-70b-instruct-v1:0\"\n{field}"
+            ))
+            .unwrap_err()
+        };
+        assert_eq!(
+            native("cache_prompt = true"),
+            "`cache_prompt` needs `format = \"converse\"`; this model's format is `llama3`"
+        );
+        assert!(native("guardrail = { id = \"g\", version = \"1\" }").starts_with("`guardrail`"));
+        assert!(native("additional_fields = { top_k = 1 }").starts_with("`additional_fields`"));
+        assert!(
+            validate("model_id = \"m\"\nguardrail = { id = \"g\", version = \"\" }")
+                .unwrap_err()
+                .contains("`guardrail` needs a non-empty `id` and `version`")
+        );
+        assert!(
+            validate(
+                "model_id = \"m\"\nguardrail = { id = \"g\", version = \"1\", trace = \"loud\" }"
+            )
+            .unwrap_err()
+            .contains("unknown variant `loud`")
+        );
+    }
+
+    #[test]
+    fn a_role_needs_an_iam_role_arn_and_its_session_fields_need_the_role() {
+        let spec = validate(
+            "model_id = \"meta.llama3-70b-instruct-v1:0\"\nrole_arn = \"arn:aws:iam::123456789012:role/caller\"\nexternal_id = \"xid-1\"\nsession_name = \"gw\"",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.role,
+            Some(Role {
+                arn: "arn:aws:iam::123456789012:role/caller".into(),
+                external_id: Some("xid-1".into()),
+                session_name: Some("gw".into()),
+            })
+        );
+        assert_eq!(
+            validate("model_id = \"m\"\nexternal_id = \"xid-1\"").unwrap_err(),
+            "`external_id` needs `role_arn`"
+        );
+        assert!(
+            validate("model_id = \"m\"\nrole_arn = \"caller\"")
+                .unwrap_err()
+                .starts_with("`role_arn` must be an IAM role ARN")
+        );
+        assert!(
+            validate(
+                "model_id = \"m\"\nrole_arn = \"arn:aws:iam::1:role/r\"\nsession_name = \"a b\""
+            )
+            .unwrap_err()
+            .starts_with("`session_name` must be")
+        );
+    }
+}

@@ -88,10 +88,8 @@ pub fn request(
     if let Some(overrides) = &request.additional_fields {
         merge(&mut fields, overrides);
     }
-    if let Value::Object(fields) = &fields
-        && !fields.is_empty()
-    {
-        call = call.additional_model_request_fields(document(&Value::Object(fields.clone())));
+    if fields.as_object().is_some_and(|fields| !fields.is_empty()) {
+        call = call.additional_model_request_fields(document(&fields));
     }
     Ok(call)
 }
@@ -439,6 +437,144 @@ mod tests {
         );
         merge(&mut fields, json!({"thinking": null}).as_object().unwrap());
         assert_eq!(fields, json!({"x": [1]}));
+    }
+
+    fn client() -> Client {
+        Client::from_conf(
+            aws_sdk_bedrockruntime::Config::builder()
+                .behavior_version(aws_sdk_bedrockruntime::config::BehaviorVersion::latest())
+                .build(),
+        )
+    }
+
+    #[test]
+    fn tool_choices_tool_results_and_blank_text_become_converse_members() {
+        use crate::content::{NamedTool, Tool, ToolResult};
+        use crate::request::Message;
+        let request = ValidRequest {
+            messages: vec![
+                Message::text(Role::User, "Weather?"),
+                Message {
+                    role: Role::Assistant,
+                    content: vec![Block::ToolUse(ToolCall {
+                        id: "t1".into(),
+                        name: "weather".into(),
+                        input: json!({"city": "Paris"}),
+                    })],
+                },
+                Message {
+                    role: Role::User,
+                    content: vec![
+                        Block::Text(" ".into()),
+                        Block::ToolResult(ToolResult {
+                            tool_use_id: "t1".into(),
+                            content: vec![Block::Text("no such city".into())],
+                            is_error: true,
+                        }),
+                    ],
+                },
+            ],
+            tools: vec![Tool {
+                name: "weather".into(),
+                description: None,
+                input_schema: json!({"type": "object"}),
+            }],
+            tool_choice: Some(ToolChoice::Named(NamedTool {
+                name: "weather".into(),
+            })),
+            max_tokens: 10,
+            ..Default::default()
+        };
+        let settings = ConverseSettings {
+            cache_prompt: true,
+            ..Default::default()
+        };
+        let call = super::request(&client(), "m", &settings, &request).unwrap();
+        let input = call.as_input();
+        let tools = input.get_tool_config().as_ref().unwrap();
+        assert!(matches!(tools.tools()[1], types::Tool::CachePoint(_)));
+        let Some(types::ToolChoice::Tool(named)) = tools.tool_choice() else {
+            panic!("a named tool choice: {tools:?}");
+        };
+        assert_eq!(named.name(), "weather");
+        let answer = &input.get_messages().as_ref().unwrap()[2];
+        assert_eq!(answer.content().len(), 1, "the blank text is dropped");
+        let ContentBlock::ToolResult(result) = &answer.content()[0] else {
+            panic!("a tool result: {answer:?}");
+        };
+        assert_eq!(result.status(), Some(&ToolResultStatus::Error));
+        assert!(
+            input.get_system().is_none(),
+            "no system prompt, no cache point"
+        );
+        let any = ValidRequest {
+            tool_choice: Some(ToolChoice::Mode(ToolChoiceMode::Any)),
+            ..request
+        };
+        let call = super::request(&client(), "m", &ConverseSettings::default(), &any).unwrap();
+        let tools = call.as_input().get_tool_config().as_ref().unwrap();
+        assert_eq!(tools.tools().len(), 1);
+        assert!(matches!(
+            tools.tool_choice(),
+            Some(types::ToolChoice::Any(_))
+        ));
+    }
+
+    #[test]
+    fn a_tool_call_without_input_has_an_empty_object_and_input_without_a_call_is_an_error() {
+        use aws_sdk_bedrockruntime::types::{
+            ContentBlockDeltaEvent, ContentBlockStartEvent, ContentBlockStopEvent,
+            ToolUseBlockDelta, ToolUseBlockStart,
+        };
+        let mut decoder = StreamDecoder::default();
+        let start = ContentBlockStartEvent::builder()
+            .content_block_index(0)
+            .start(ContentBlockStart::ToolUse(
+                ToolUseBlockStart::builder()
+                    .tool_use_id("t1")
+                    .name("now")
+                    .build()
+                    .unwrap(),
+            ))
+            .build()
+            .unwrap();
+        let stop = ContentBlockStopEvent::builder()
+            .content_block_index(0)
+            .build()
+            .unwrap();
+        let mut chunks = decoder
+            .decode(ConverseStreamOutput::ContentBlockStart(start))
+            .unwrap();
+        chunks.extend(
+            decoder
+                .decode(ConverseStreamOutput::ContentBlockStop(stop))
+                .unwrap(),
+        );
+        assert_eq!(
+            chunks,
+            [
+                Chunk::ToolCallStart {
+                    id: "t1".into(),
+                    name: "now".into()
+                },
+                Chunk::ToolCall(ToolCall {
+                    id: "t1".into(),
+                    name: "now".into(),
+                    input: json!({})
+                })
+            ]
+        );
+        let stray = ContentBlockDeltaEvent::builder()
+            .content_block_index(1)
+            .delta(ContentBlockDelta::ToolUse(
+                ToolUseBlockDelta::builder().input("{").build().unwrap(),
+            ))
+            .build()
+            .unwrap();
+        let err = decoder
+            .decode(ConverseStreamOutput::ContentBlockDelta(stray))
+            .unwrap_err();
+        assert_eq!(err.code(), "upstream_error");
     }
 
     #[test]

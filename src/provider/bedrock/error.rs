@@ -82,7 +82,9 @@ where
     if let Some(credentials) =
         find_source::<aws_credential_types::provider::error::CredentialsError>(err)
     {
-        return Error::UpstreamUnavailable(no_credentials(model, credentials));
+        // The chain's own message is terse ("an error occurred while loading
+        // credentials"): its sources say why (STS refusing a role, an expired SSO token).
+        return Error::UpstreamUnavailable(no_credentials(model, error_chain(credentials)));
     }
     match err {
         SdkError::TimeoutError(_) => Error::UpstreamTimeout(format!(
@@ -114,7 +116,7 @@ pub fn no_credentials(model: &str, cause: impl std::fmt::Display) -> String {
 }
 
 /// "outer: inner: root cause", without the SDK's debug dump.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut current = Some(err);
     while let Some(err) = current {

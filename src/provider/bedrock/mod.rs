@@ -13,7 +13,12 @@ mod llama3;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_bedrockruntime::{Client, primitives::Blob, types::ResponseStream};
+use aws_sdk_bedrockruntime::{
+    Client,
+    error::ProvideErrorMetadata,
+    primitives::{Blob, event_stream::EventReceiver},
+    types::{ConverseStreamOutput, ResponseStream},
+};
 use futures_util::StreamExt;
 
 use self::format::Native;
@@ -101,35 +106,12 @@ impl BedrockProvider {
             .send()
             .await
             .map_err(|err| request_error(err, &self.name))?;
-        let mut decoder = native.stream_decoder(&request);
-        let mut events = output.body;
-        let name = self.name.clone();
-        // Dropping this stream drops `events` and with it the HTTP response: the upstream
-        // connection closes and Bedrock stops generating.
-        Ok(async_stream::try_stream! {
-            let failure = loop {
-                let payload = match events.recv().await {
-                    Ok(Some(ResponseStream::Chunk(part))) => part.bytes,
-                    Ok(Some(_)) => continue,
-                    Ok(None) => break ended_early(&name),
-                    Err(err) => break stream_error(err, &name),
-                };
-                let chunks = match decoder.decode(payload.as_ref().map(Blob::as_ref).unwrap_or_default()) {
-                    Ok(chunks) => chunks,
-                    Err(err) => break err,
-                };
-                for chunk in chunks {
-                    let done = matches!(chunk, Chunk::Done(_));
-                    yield chunk;
-                    if done {
-                        return;
-                    }
-                }
-            };
-            report_partial(&spent, decoder.usage(), &name);
-            Err(failure)?;
-        }
-        .boxed())
+        let upstream = Upstream {
+            events: output.body,
+            decoder: native.stream_decoder(&request),
+            name: self.name.clone(),
+        };
+        Ok(pump(upstream, spent))
     }
 
     async fn converse_stream(
@@ -146,34 +128,89 @@ impl BedrockProvider {
         .send()
         .await
         .map_err(|err| request_error(err, &self.name))?;
-        let mut decoder = converse::StreamDecoder::default();
-        let mut events = output.stream;
-        let name = self.name.clone();
-        // As for the native stream: dropping it closes the upstream connection.
-        Ok(async_stream::try_stream! {
-            let failure = loop {
-                let event = match events.recv().await {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break ended_early(&name),
-                    Err(err) => break stream_error(err, &name),
-                };
-                let chunks = match decoder.decode(event) {
-                    Ok(chunks) => chunks,
-                    Err(err) => break err,
-                };
-                for chunk in chunks {
-                    let done = matches!(chunk, Chunk::Done(_));
-                    yield chunk;
-                    if done {
-                        return;
-                    }
-                }
-            };
-            report_partial(&spent, decoder.usage(), &name);
-            Err(failure)?;
-        }
-        .boxed())
+        let upstream = Upstream {
+            events: output.stream,
+            decoder: converse::StreamDecoder::default(),
+            name: self.name.clone(),
+        };
+        Ok(pump(upstream, spent))
     }
+}
+
+/// An answer's event stream, and its decoder.
+struct Upstream<T, E, D> {
+    events: EventReceiver<T, E>,
+    decoder: D,
+    /// The registry name of the model, for messages.
+    name: String,
+}
+
+/// Turns an operation's stream events into chunks.
+trait Decode<T> {
+    /// The chunks of one event (none for an event that carries none).
+    fn decode_event(&mut self, event: T) -> Result<Vec<Chunk>>;
+    /// The tokens the model has reported (or the decoder counted) so far.
+    fn usage(&self) -> Usage;
+}
+
+/// InvokeModelWithResponseStream's `chunk` events hold a native body format's JSON.
+impl Decode<ResponseStream> for format::StreamDecoder {
+    fn decode_event(&mut self, event: ResponseStream) -> Result<Vec<Chunk>> {
+        match event {
+            ResponseStream::Chunk(part) => {
+                self.decode(part.bytes.as_ref().map(Blob::as_ref).unwrap_or_default())
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        format::StreamDecoder::usage(self)
+    }
+}
+
+impl Decode<ConverseStreamOutput> for converse::StreamDecoder {
+    fn decode_event(&mut self, event: ConverseStreamOutput) -> Result<Vec<Chunk>> {
+        self.decode(event)
+    }
+
+    fn usage(&self) -> Usage {
+        converse::StreamDecoder::usage(self)
+    }
+}
+
+/// Yields the events' chunks until `Done`. An answer that fails midway reports its usage
+/// so far, then ends with the error. Dropping the stream drops the events and with them
+/// the HTTP response: the upstream connection closes and Bedrock stops generating.
+fn pump<T, E, D>(mut upstream: Upstream<T, E, D>, spent: UsageMeter) -> ChunkStream
+where
+    T: Send + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    D: Decode<T> + Send + 'static,
+{
+    async_stream::try_stream! {
+        let failure = loop {
+            let chunks = match upstream.events.recv().await {
+                Ok(Some(event)) => upstream.decoder.decode_event(event),
+                Ok(None) => Err(ended_early(&upstream.name)),
+                Err(err) => Err(stream_error(err, &upstream.name)),
+            };
+            let chunks = match chunks {
+                Ok(chunks) => chunks,
+                Err(err) => break err,
+            };
+            for chunk in chunks {
+                let done = matches!(chunk, Chunk::Done(_));
+                yield chunk;
+                if done {
+                    return;
+                }
+            }
+        };
+        report_partial(&spent, upstream.decoder.usage(), &upstream.name);
+        Err(failure)?;
+    }
+    .boxed()
 }
 
 fn ended_early(name: &str) -> Error {
