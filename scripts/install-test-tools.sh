@@ -23,12 +23,29 @@ if ! "$tools/venv/bin/python" -c "import anthropic, sys; sys.exit(anthropic.__ve
   "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "anthropic==$ANTHROPIC_VERSION"
 fi
 
+# The official OpenAI SDK and LangChain's ChatOpenAI, driven by tests/compat/openai_client.py
+# against the running gateway (tests/gateway/openai_compat.rs).
+OPENAI_VERSION=3.57.0
+LANGCHAIN_OPENAI_VERSION=1.7.4
+if ! "$tools/venv/bin/python" -c "import openai, langchain_openai, importlib.metadata as m; assert openai.__version__ == '$OPENAI_VERSION' and m.version('langchain-openai') == '$LANGCHAIN_OPENAI_VERSION'" 2>/dev/null; then
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check \
+    "openai==$OPENAI_VERSION" "langchain-openai==$LANGCHAIN_OPENAI_VERSION"
+fi
+
 # Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
 # chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
-if ! command -v chromium >/dev/null; then
+# Debian's redis-server and haproxy for the multi-replica tests (tests/gateway/cluster*.rs),
+# which start their own on free ports (openssl makes the TLS test's certificates).
+missing=""
+command -v chromium >/dev/null || missing="$missing chromium"
+command -v redis-server >/dev/null || missing="$missing redis-server"
+command -v haproxy >/dev/null || missing="$missing haproxy"
+command -v openssl >/dev/null || missing="$missing openssl"
+if [ -n "$missing" ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  # shellcheck disable=SC2086 # one word per package
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)

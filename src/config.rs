@@ -5,7 +5,7 @@ use std::{
     cell::Cell,
     collections::HashMap,
     fmt,
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
@@ -48,6 +48,8 @@ pub struct Config {
     /// The limits of keys that name none of their own (all of `MODELGATE_API_KEYS`).
     pub api_key_limits: KeyLimits,
     pub models: Vec<ModelSpec>,
+    /// `[cluster]`: the Redis that replicas share their keys' limits through.
+    pub cluster: ClusterSettings,
 }
 
 /// Settings of the server as a whole.
@@ -129,6 +131,9 @@ pub struct KeyLimits {
     pub requests_per_minute: Option<NonZeroU32>,
     pub tokens_per_minute: Option<NonZeroU32>,
     pub concurrent_streams: Option<NonZeroUsize>,
+    /// Tokens (input and output) per UTC calendar day and month.
+    pub tokens_per_day: Option<NonZeroU64>,
+    pub tokens_per_month: Option<NonZeroU64>,
 }
 
 /// A configuration error, located in its file.
@@ -190,6 +195,8 @@ struct RawConfig {
     api_key_limits: RawKeyLimits,
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    cluster: RawCluster,
     /// Read apart, with their providers' fields (see [`read_models`]).
     #[serde(default, rename = "models")]
     _models: Vec<IgnoredAny>,
@@ -240,6 +247,8 @@ struct RawKeyLimits {
     requests_per_minute: Option<NonZeroU32>,
     tokens_per_minute: Option<NonZeroU32>,
     concurrent_streams: Option<NonZeroUsize>,
+    tokens_per_day: Option<NonZeroU64>,
+    tokens_per_month: Option<NonZeroU64>,
 }
 
 impl RawKeyLimits {
@@ -248,6 +257,8 @@ impl RawKeyLimits {
             requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
             tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
             concurrent_streams: self.concurrent_streams.or(defaults.concurrent_streams),
+            tokens_per_day: self.tokens_per_day.or(defaults.tokens_per_day),
+            tokens_per_month: self.tokens_per_month.or(defaults.tokens_per_month),
         }
     }
 }
@@ -496,6 +507,7 @@ impl Config {
             api_keys,
             api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),
             models,
+            cluster: raw.cluster.settings(&at)?,
         })
     }
 
@@ -531,6 +543,130 @@ impl Config {
         Ok(())
     }
 }
+
+// ---- `[cluster]`: replicas sharing their keys' limits through Redis ----
+
+/// `[cluster]`: without `redis_url` every limit is kept in this process alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://` (TLS), with a password if any: never logged as written
+    /// (see [`ClusterSettings::redacted_url`]).
+    pub redis_url: Option<String>,
+    /// What a request meets when Redis cannot answer a limit check in time.
+    pub on_redis_error: OnRedisError,
+    /// How long a limit check may wait for Redis before `on_redis_error` applies.
+    pub redis_timeout: Duration,
+    /// How long a concurrent-stream lease outlives a replica that stopped renewing it.
+    pub lease_ttl: Duration,
+    /// Prefix of every Redis key the gateway writes.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// The request goes on without the shared limits (logged and counted).
+    #[default]
+    Allow,
+    /// The request is refused with 503 `limits_unavailable`.
+    Deny,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            redis_url: None,
+            on_redis_error: OnRedisError::Allow,
+            redis_timeout: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(30),
+            key_prefix: "modelgate".into(),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_url)
+    }
+}
+
+/// `url` with any password replaced by `***` (and nothing at all if it does not parse).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// Checks a Redis URL without ever echoing it (it may hold a password).
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info().map(|_| ()).map_err(|err| {
+        format!(
+            "`redis_url` is not a Redis URL ({}); write e.g. \"redis://:PASSWORD@host:6379/0\", or \"rediss://…\" for TLS",
+            err.category()
+        )
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<Spanned<String>>,
+    on_redis_error: Option<OnRedisError>,
+    redis_timeout: Option<Wait>,
+    lease_ttl: Option<Spanned<Wait>>,
+    key_prefix: Option<String>,
+}
+
+impl RawCluster {
+    fn settings(self, at: &At) -> Result<ClusterSettings, ConfigError> {
+        let defaults = ClusterSettings::default();
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url.get_ref()).map_err(|message| at(Some(url.span()), message))?;
+        }
+        if let Some(ttl) = &self.lease_ttl
+            && ttl.get_ref().0 < Duration::from_secs(1)
+        {
+            return Err(at(
+                Some(ttl.span()),
+                "`lease_ttl` must be at least 1s (leases are renewed three times per TTL)".into(),
+            ));
+        }
+        Ok(ClusterSettings {
+            redis_url: self.redis_url.map(Spanned::into_inner),
+            on_redis_error: self.on_redis_error.unwrap_or_default(),
+            redis_timeout: self
+                .redis_timeout
+                .map_or(defaults.redis_timeout, |wait| wait.0),
+            lease_ttl: self
+                .lease_ttl
+                .map_or(defaults.lease_ttl, |wait| wait.into_inner().0),
+            key_prefix: self.key_prefix.unwrap_or(defaults.key_prefix),
+        })
+    }
+}
+
+impl Config {
+    /// `MODELGATE_REDIS_URL`, which beats `[cluster] redis_url`.
+    pub fn set_redis_url(&mut self, url: &str) -> Result<(), ConfigError> {
+        check_redis_url(url).map_err(|message| ConfigError {
+            source: "MODELGATE_REDIS_URL".into(),
+            line: None,
+            message,
+        })?;
+        self.cluster.redis_url = Some(url.to_owned());
+        Ok(())
+    }
+}
+
+// ---- end of `[cluster]` ----
 
 /// The WebSocket settings, defaults applied; the idle timeout must leave room for a ping.
 fn ws_settings(
@@ -781,5 +917,51 @@ mod tests {
             err.message.contains("`workers` must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cluster_reads_redis_url_and_on_redis_error_and_never_echoes_a_bad_url() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let config = Config::parse(model, "t").unwrap();
+        assert_eq!(config.cluster, ClusterSettings::default());
+        let config = Config::parse(
+            &format!("{model}[cluster]\nredis_url = \"rediss://:s3cret@redis.internal:6380/2\"\non_redis_error = \"deny\"\nredis_timeout = \"100ms\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.on_redis_error, OnRedisError::Deny);
+        assert_eq!(config.cluster.redis_timeout, Duration::from_millis(100));
+        assert_eq!(
+            config.cluster.redacted_url().unwrap(),
+            "rediss://:***@redis.internal:6380/2"
+        );
+        let err = error_of(&format!(
+            "{model}[cluster]\nredis_url = \"http://user:s3cret@redis\"\n"
+        ));
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("`redis_url`"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = error_of(&format!("{model}[cluster]\non_redis_error = \"maybe\"\n"));
+        assert!(err.message.contains("allow"), "{err}");
+        let err = error_of(&format!("{model}[cluster]\nlease_ttl = \"10ms\"\n"));
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("`lease_ttl`"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_url_of_the_environment_beats_the_file() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n[cluster]\nredis_url = \"redis://file:6379\"\n";
+        let mut config = Config::parse(model, "t").unwrap();
+        config.set_redis_url("redis://env:6379").unwrap();
+        assert_eq!(
+            config.cluster.redis_url.as_deref(),
+            Some("redis://env:6379")
+        );
+        let err = config.set_redis_url("nonsense://x:p4ss@h").unwrap_err();
+        assert!(
+            err.to_string().starts_with("MODELGATE_REDIS_URL: "),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("p4ss"), "{err}");
     }
 }

@@ -14,6 +14,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// The API key every request carries: a gateway without keys ignores it; the gateways of
+/// the limits section (`redis.rs`) know it.
+pub const AUTHORIZATION: &str = "Bearer mg-bench-key-0123456789abcdef";
+
 /// Where the same work is sent: through the gateway, or to the mock directly.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
@@ -64,6 +68,7 @@ impl Connection {
             .uri(path)
             .header("host", &self.host)
             .header("content-type", "application/json")
+            .header("authorization", AUTHORIZATION)
             .body(Full::new(body.clone()))?;
         self.sender.ready().await?;
         Ok(self.sender.send_request(request).await?)
@@ -106,6 +111,14 @@ impl InvokeCall {
                     br#"{"prompt":"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n","max_gen_len":512}"#,
                 ),
             },
+        }
+    }
+
+    /// The same request as `POST /v1/chat/completions` through the gateway.
+    pub fn chat_completion() -> InvokeCall {
+        InvokeCall {
+            path: "/v1/chat/completions",
+            body: crate::openai::whole_request(),
         }
     }
 

@@ -133,12 +133,33 @@ pub async fn most(
     measure: Duration,
     cpu_seconds: impl Fn() -> f64,
 ) -> anyhow::Result<Throughput> {
-    let call = Arc::new(InvokeCall::new(target));
+    let call = InvokeCall::new(target);
+    most_of(
+        call,
+        target.addr(),
+        connections,
+        warm_up,
+        measure,
+        cpu_seconds,
+    )
+    .await
+}
+
+/// [`most`] of any request.
+pub async fn most_of(
+    call: InvokeCall,
+    addr: std::net::SocketAddr,
+    connections: usize,
+    warm_up: Duration,
+    measure: Duration,
+    cpu_seconds: impl Fn() -> f64,
+) -> anyhow::Result<Throughput> {
+    let call = Arc::new(call);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let mut connection = Connection::open(target.addr()).await?;
+        let mut connection = Connection::open(addr).await?;
         let (call, done, stop) = (call.clone(), done.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {

@@ -35,6 +35,8 @@ pub enum Transport {
     Sse,
     /// `/ws/model?streaming=1` (text mode) through the gateway.
     Ws,
+    /// `POST /v1/chat/completions` with `stream: true` through the gateway.
+    OpenAi,
     /// The mock's ConverseStream, read directly: the baseline of `SseConverse`.
     DirectConverse,
     /// `GET /stream` through the gateway, of a model with `format = "converse"`.
@@ -47,6 +49,7 @@ impl Transport {
             Transport::Direct => "direct",
             Transport::Sse => "SSE",
             Transport::Ws => "WS",
+            Transport::OpenAi => "OpenAI",
             Transport::DirectConverse => "direct ConverseStream",
             Transport::SseConverse => "SSE via ConverseStream",
         }
@@ -96,6 +99,7 @@ impl StreamClient {
         let inner = match transport {
             Transport::Direct
             | Transport::Sse
+            | Transport::OpenAi
             | Transport::DirectConverse
             | Transport::SseConverse => Inner::Http {
                 connection: Connection::open(addr).await?,
@@ -123,6 +127,11 @@ impl StreamClient {
                         "POST",
                         format!("/model/{}/invoke-with-response-stream", scenario.model_id()),
                         Bytes::from_static(br#"{"prompt":"hi","max_gen_len":512}"#),
+                    ),
+                    Transport::OpenAi => (
+                        "POST",
+                        "/v1/chat/completions".to_owned(),
+                        crate::openai::stream_request(&scenario.name()),
                     ),
                     Transport::DirectConverse => (
                         "POST",
@@ -265,6 +274,15 @@ fn parse_buffered(
     let block = std::str::from_utf8(&block)?;
     if block.starts_with(':') {
         return Ok(Some(Some(Event::KeepAlive)));
+    }
+    if transport == Transport::OpenAi {
+        return Ok(match crate::openai::parse_data(block)? {
+            crate::openai::Data::Piece(stamp) => Some(Some(Event::Chunk { stamp, received })),
+            // The role, the finish reason: not pieces of the answer; the next event may
+            // already be in the buffer.
+            crate::openai::Data::Other => return parse_buffered(transport, buffer, decoder),
+            crate::openai::Data::Done => Some(None),
+        });
     }
     let field = |name: &str| {
         block

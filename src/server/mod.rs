@@ -6,6 +6,7 @@ mod api;
 mod connection;
 mod events;
 mod json_body;
+mod openai;
 mod origin;
 mod routes;
 mod sse;
@@ -44,16 +45,17 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-fn api_service() -> OpenApiService<(api::Api, anthropic::AnthropicApi), ()> {
+fn api_service() -> OpenApiService<(api::Api, openai::OpenAiApi, anthropic::AnthropicApi), ()> {
     OpenApiService::new(
-        (api::Api, anthropic::AnthropicApi),
+        (api::Api, openai::OpenAiApi, anthropic::AnthropicApi),
         "modelgate",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "A streaming gateway in front of large language models. `POST /invoke` answers \
              with the whole text; `/stream` streams it as Server-Sent Events; `/ws/model` \
-             streams over WebSocket (see the README).",
+             streams over WebSocket (see the README). `/v1/chat/completions` and \
+             `/v1/models` speak OpenAI's API, for its SDKs and the tools built on them.",
     )
 }
 

@@ -34,7 +34,8 @@ pub enum Serve {
 pub type ErrorShape = fn(&Error) -> Response;
 
 pub struct RouteSpec {
-    /// An exact path, or with a trailing `*`, every path that starts with what precedes it.
+    /// An exact path, or with a trailing `*`, every path that starts with what precedes it;
+    /// a segment `{name}` stands for any one non-empty segment (a path parameter).
     pub path: &'static str,
     /// The methods it answers, as a 405's `Allow` header lists them.
     pub allow: &'static str,
@@ -92,6 +93,9 @@ pub const ROUTES: &[RouteSpec] = &[
     route("/v1/messages", "POST", Api, OpenApi).errors(super::anthropic::error_response),
     route("/v1/messages/count_tokens", "POST", Api, OpenApi)
         .errors(super::anthropic::error_response),
+    route("/v1/chat/completions", "POST", Api, OpenApi).errors(super::openai::error_response),
+    route("/v1/models", "GET", Api, OpenApi).errors(super::openai::error_response),
+    route("/v1/models/{model}", "GET", Api, OpenApi).errors(super::openai::error_response),
 ];
 
 /// The router of every [`Serve::Endpoint`] route, with the OpenAPI service at `/`.
@@ -114,8 +118,22 @@ pub fn route_of(path: &str) -> Option<&'static RouteSpec> {
         .iter()
         .find(|route| match route.path.strip_suffix('*') {
             Some(prefix) => path.starts_with(prefix),
-            None => route.path == path,
+            None => matches_template(route.path, path),
         })
+}
+
+/// Whether `path` is `template`, whose `{name}` segments match any one non-empty segment.
+fn matches_template(template: &str, path: &str) -> bool {
+    if !template.contains('{') {
+        return template == path;
+    }
+    let mut segments = path.split('/');
+    template.split('/').all(|expected| {
+        segments.next().is_some_and(|segment| {
+            segment == expected
+                || (expected.starts_with('{') && expected.ends_with('}') && !segment.is_empty())
+        })
+    }) && segments.next().is_none()
 }
 
 /// The metrics label of a path: its route's path without the `*` (`/ui/*` is `/ui`), or
@@ -169,5 +187,14 @@ mod tests {
         assert_eq!(label("/ui/app.js"), "/ui");
         assert_eq!(label("/"), "/");
         assert_eq!(route_of("/ws/model").unwrap().access, Access::Api);
+    }
+
+    #[test]
+    fn a_path_parameter_matches_one_non_empty_segment_and_labels_by_its_template() {
+        assert_eq!(label("/v1/models/llama3"), "/v1/models/{model}");
+        assert_eq!(label("/v1/models"), "/v1/models");
+        assert_eq!(label("/v1/models/"), "other");
+        assert_eq!(label("/v1/models/a/b"), "other");
+        assert_eq!(label("/v1/chat/completions"), "/v1/chat/completions");
     }
 }

@@ -6,6 +6,9 @@ mod app;
 mod auth;
 mod cancellation;
 mod client;
+mod cluster;
+mod cluster_limits;
+mod container;
 mod converse;
 mod emulator;
 mod emulator_selftest;
@@ -18,6 +21,8 @@ mod invoke;
 mod limits;
 #[cfg(feature = "local")]
 mod local;
+mod openai;
+mod openai_compat;
 mod operations;
 mod schema;
 mod service;

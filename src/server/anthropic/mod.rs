@@ -239,9 +239,12 @@ fn error_type(err: &Error) -> &'static str {
         Error::RequestTimeout(_) | Error::UpstreamTimeout(_) => "timeout_error",
         Error::Unauthorized(_) => "authentication_error",
         Error::Forbidden(_) => "permission_error",
-        Error::Throttled(_) | Error::RateLimited { .. } => "rate_limit_error",
+        Error::Throttled(_) | Error::RateLimited { .. } | Error::BudgetExhausted { .. } => {
+            "rate_limit_error"
+        }
         Error::Upstream(_) | Error::ClientClosed | Error::Cancelled => "api_error",
         Error::UpstreamUnavailable(_)
+        | Error::LimitsUnavailable(_)
         | Error::ShuttingDown
         | Error::ModelLoading(_)
         | Error::Overloaded(_) => "overloaded_error",
