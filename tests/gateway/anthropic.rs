@@ -2,7 +2,7 @@
 //! SDKs and Claude Code speak it: the shapes, the order of the streamed events, Anthropic's
 //! error bodies on every refusal, what the upstream received, cancellation.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::StreamExt;
@@ -15,6 +15,7 @@ use crate::converse::{
     CLAUDE_37, base64, converse_registry, last_converse, unbase64, weather_tool,
 };
 use crate::emulator::{NativeStop, Operation, Scenario};
+use crate::openai_compat::python;
 
 const KEY: &str = "sk-anthropic-test-key";
 
@@ -879,17 +880,6 @@ async fn a_guardrail_intervention_is_a_refusal() {
     assert_eq!(answer["stop_reason"], "refusal", "{answer}");
 }
 
-/// The python of the virtual environment that `scripts/install-test-tools.sh` makes.
-fn venv_python() -> PathBuf {
-    let python =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv/bin/python");
-    assert!(
-        python.exists(),
-        "the test tools are not installed: run scripts/install-test-tools.sh"
-    );
-    python
-}
-
 /// Runs suite `suite` of tests/compat/anthropic_client.py (the official `anthropic`
 /// package) against `app`, and fails with its output if any of its checks fails.
 async fn run_anthropic_client(suite: &str, app: &App, key: &str) {
@@ -899,7 +889,7 @@ async fn run_anthropic_client(suite: &str, app: &App, key: &str) {
     );
     let output = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new(venv_python())
+        tokio::process::Command::new(python())
             .arg(script)
             .args([suite, &app.url, key])
             .output(),

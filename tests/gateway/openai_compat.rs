@@ -18,7 +18,7 @@ const KEY: &str = "mg-sdk-client-0123456789";
 const LIMITED_KEY: &str = "mg-sdk-limited-0123456789";
 
 /// The Python of the virtual environment `scripts/install-test-tools.sh` makes.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     let python =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/venv/bin/python");
     assert!(
