@@ -19,6 +19,7 @@ use crate::{
     provider::UsageMeter,
     registry::{Model, Registry},
     request::GenerateRequest,
+    resume::Resume,
     telemetry,
 };
 
@@ -27,6 +28,8 @@ pub struct Gateway {
     pub auth: Auth,
     pub settings: ServerSettings,
     pub shutdown: Shutdown,
+    /// Resumable streams' events (`resume_window`).
+    pub resume: Resume,
     /// Upstream calls in flight across all models.
     upstream_slots: Arc<Semaphore>,
 }
@@ -61,6 +64,7 @@ impl Gateway {
             auth: Auth::new(&config.api_keys),
             settings: config.server.clone(),
             shutdown: Shutdown::default(),
+            resume: Resume::new(config.resume),
             upstream_slots: Arc::new(Semaphore::new(config.server.max_concurrent_upstream)),
         }
     }
@@ -74,6 +78,31 @@ impl Gateway {
         caller: &Caller,
         transport: Transport,
         client_gone: &CancellationToken,
+    ) -> Result<Generation> {
+        self.start(request, caller, transport, client_gone, client_gone.clone())
+            .await
+    }
+
+    /// As [`Gateway::stream`], for a resumable stream: the client leaving after the first
+    /// piece does not end the generation (its recorder does, see [`crate::resume`]).
+    pub async fn stream_outliving_client(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+        transport: Transport,
+        client_gone: &CancellationToken,
+    ) -> Result<Generation> {
+        self.start(request, caller, transport, client_gone, CancellationToken::new())
+            .await
+    }
+
+    async fn start(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+        transport: Transport,
+        client_gone: &CancellationToken,
+        pump_client_gone: CancellationToken,
     ) -> Result<Generation> {
         let (model, request) = self.registry.prepare(request)?;
         let permits = self.admit(&model, caller)?;
@@ -113,7 +142,7 @@ impl Gateway {
             settings,
             slow_client_timeout: self.settings.slow_client_timeout,
             shutdown_deadline: self.shutdown.deadline.clone(),
-            client_gone: client_gone.clone(),
+            client_gone: pump_client_gone,
             permits,
             usage,
             in_flight: self.shutdown.work.token(),

@@ -1,8 +1,9 @@
 //! modelgate: a streaming gateway in front of large language models.
 //!
 //! Layers, each using only those after it: [`server`] adapts the chunk stream to HTTP, SSE
-//! and WebSocket; [`gateway`] admits requests and starts generations; [`generation`] pumps
-//! one answer (timeouts, cancellation, accounting); [`registry`] ties model names to
+//! and WebSocket; [`gateway`] admits requests and starts generations; [`resume`] holds the
+//! events of resumable streams; [`generation`] pumps one answer (timeouts, cancellation,
+//! accounting); [`registry`] ties model names to
 //! providers; [`provider`] talks to upstreams behind one trait; [`request`] validates what
 //! clients send; [`special_tokens`] keeps prompt-format tokens out of user text; [`error`]
 //! is the one error type. Beside them: [`config`] reads the registry file, [`auth`] holds
@@ -16,6 +17,7 @@ pub mod generation;
 pub mod provider;
 pub mod registry;
 pub mod request;
+pub mod resume;
 pub mod server;
 pub mod special_tokens;
 pub mod telemetry;

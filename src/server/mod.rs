@@ -85,8 +85,13 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
             Cors::new()
                 .allow_origins_fn(|_| true)
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers(["authorization", "content-type", "x-request-id"])
-                .expose_headers(["x-request-id", "retry-after"])
+                .allow_headers([
+                    "authorization",
+                    "content-type",
+                    "x-request-id",
+                    "last-event-id",
+                ])
+                .expose_headers(["x-request-id", "retry-after", sse::STREAM_ID_HEADER])
                 .max_age(600),
         ),
     );

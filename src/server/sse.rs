@@ -4,35 +4,96 @@
 //! through `Display` into a growing `String` and then pipes the stream through an `AsyncRead`
 //! adapter that copies every event again into a 4 KiB buffer each stream keeps for its whole
 //! life (bench/RESULTS.md). This payload documents itself exactly as `EventStream` does.
+//!
+//! Every event has an `id:`, `<stream id>:<number>`, and the stream id is also in the
+//! `x-stream-id` header (see [`crate::resume`]).
 
 use std::{task::Poll, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream::BoxStream};
-use poem::{Body, IntoResponse, Response};
+use poem::{Body, IntoResponse, Response, http::StatusCode};
 use poem_openapi::{
     ApiResponse,
     payload::Payload,
-    registry::{MetaMediaType, MetaResponse, MetaResponses, MetaSchema, MetaSchemaRef, Registry},
+    registry::{
+        MetaHeader, MetaMediaType, MetaResponse, MetaResponses, MetaSchema, MetaSchemaRef,
+        Registry,
+    },
     types::Type,
 };
+use tokio_util::sync::CancellationToken;
 
-use super::events::StreamEvent;
+use super::events::{StreamEvent, sse_message};
+use crate::resume::{EventId, Listening, StreamId};
+
+/// The response header that names the stream.
+pub const STREAM_ID_HEADER: &str = "x-stream-id";
 
 /// An answer as `text/event-stream`, with a comment line every `keep_alive` so that proxies
-/// and browsers keep a silent stream open.
+/// and browsers keep a silent stream open; or, for a resume with nothing left to send,
+/// 204 (which tells `EventSource` to stop reconnecting).
 pub struct EventStream {
-    events: BoxStream<'static, StreamEvent>,
+    /// The stream and its SSE messages; `None`: nothing left to send.
+    events: Option<(StreamId, BoxStream<'static, Bytes>)>,
     keep_alive: Duration,
 }
 
 impl EventStream {
-    pub fn new(
+    /// A stream that is not held for resumption: its events are numbered as they pass.
+    pub fn numbered(
         events: impl Stream<Item = StreamEvent> + Send + 'static,
         keep_alive: Duration,
     ) -> Self {
+        let mut id = EventId {
+            stream: StreamId::new(),
+            seq: 0,
+        };
+        let stream = id.stream.clone();
+        let messages = events.map(move |event| {
+            id.seq += 1;
+            Bytes::from(event.sse(Some(&id)))
+        });
         Self {
-            events: events.boxed(),
+            events: Some((stream, messages.boxed())),
+            keep_alive,
+        }
+    }
+
+    /// The events of a resumable stream as they are read from its store, until
+    /// `client_gone` (so that the stream counts as without a client at once). A failure to
+    /// read (events dropped under a slow reader) is one `error` event without an id.
+    pub fn recorded(
+        listening: Listening,
+        client_gone: CancellationToken,
+        keep_alive: Duration,
+    ) -> Self {
+        let stream = listening.stream.clone();
+        let mut id = EventId {
+            stream: stream.clone(),
+            seq: 0,
+        };
+        let messages = listening
+            .take_until(client_gone.cancelled_owned())
+            .map(move |event| {
+                Bytes::from(match event {
+                    Ok(event) => {
+                        id.seq = event.seq;
+                        sse_message(Some(&id), &event.name, &event.json)
+                    }
+                    Err(err) => StreamEvent::from(&err).sse(None),
+                })
+            });
+        Self {
+            events: Some((stream, messages.boxed())),
+            keep_alive,
+        }
+    }
+
+    /// A resume of a stream that ended, whose every event the client has.
+    pub fn finished(keep_alive: Duration) -> Self {
+        Self {
+            events: None,
             keep_alive,
         }
     }
@@ -64,6 +125,21 @@ impl ApiResponse for EventStream {
                     content_type: Self::CONTENT_TYPE,
                     schema: Self::schema_ref(),
                 }],
+                headers: vec![MetaHeader {
+                    name: STREAM_ID_HEADER.to_owned(),
+                    description: Some(
+                        "The stream's id, also the first part of every event's `id:` (`<stream id>:<number>`)"
+                            .to_owned(),
+                    ),
+                    required: true,
+                    deprecated: false,
+                    schema: String::schema_ref(),
+                }],
+            }, MetaResponse {
+                description: "A resume (`Last-Event-ID`) of a stream that has ended, whose events the client all had: nothing more to send, and `EventSource` stops reconnecting",
+                status: Some(204),
+                status_range: None,
+                content: vec![],
                 headers: vec![],
             }],
         }
@@ -76,7 +152,9 @@ impl ApiResponse for EventStream {
 
 impl IntoResponse for EventStream {
     fn into_response(self) -> Response {
-        let mut events = self.events;
+        let Some((stream, mut events)) = self.events else {
+            return Response::builder().status(StatusCode::NO_CONTENT).finish();
+        };
         let mut keep_alive = tokio::time::interval_at(
             tokio::time::Instant::now() + self.keep_alive,
             self.keep_alive,
@@ -84,7 +162,7 @@ impl IntoResponse for EventStream {
         let body = futures_util::stream::poll_fn(move |cx| {
             if let Poll::Ready(event) = events.poll_next_unpin(cx) {
                 return Poll::Ready(
-                    event.map(|event| Ok::<_, std::io::Error>(Bytes::from(event.sse()))),
+                    event.map(Ok::<_, std::io::Error>),
                 );
             }
             keep_alive
@@ -95,6 +173,7 @@ impl IntoResponse for EventStream {
             .content_type(Self::CONTENT_TYPE)
             .header("X-Accel-Buffering", "no")
             .header("Cache-Control", "no-cache")
+            .header(STREAM_ID_HEADER, stream.as_str())
             .body(Body::from_bytes_stream(body))
     }
 }

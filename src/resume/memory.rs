@@ -1,0 +1,284 @@
+//! Streams' events held in this process, within two byte caps (per stream, in all), until
+//! `resume_window` after the stream ended.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError, Weak},
+    time::Duration,
+};
+
+use futures_util::stream::BoxStream;
+use tokio::{sync::watch, time::Instant};
+
+use super::{Event, StreamId};
+use crate::{
+    config::ResumeSettings,
+    error::{Error, Result},
+};
+
+/// How often expired streams are freed.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+pub struct MemoryStore {
+    settings: ResumeSettings,
+    streams: Mutex<Streams>,
+}
+
+#[derive(Default)]
+struct Streams {
+    by_id: HashMap<StreamId, Buffer>,
+    /// Bytes of every buffer's events.
+    bytes: usize,
+    /// Ended streams, by when they expire (the window is the same for all, so this is also
+    /// the order in which they ended).
+    expiring: VecDeque<(Instant, StreamId)>,
+}
+
+/// One stream's events, oldest first.
+struct Buffer {
+    /// The API key that started it: the only one that may resume it.
+    owner: String,
+    events: VecDeque<Event>,
+    bytes: usize,
+    /// The last event dropped to stay under a cap, and which cap.
+    dropped: Option<(u64, &'static str)>,
+    /// Number of the last event appended; readers wait for it to change.
+    last: watch::Sender<u64>,
+    ended: bool,
+    /// How many clients read the stream.
+    listeners: Arc<watch::Sender<usize>>,
+}
+
+/// One more client of a stream, until dropped.
+struct ListenerGuard(Arc<watch::Sender<usize>>);
+
+impl ListenerGuard {
+    fn new(listeners: Arc<watch::Sender<usize>>) -> ListenerGuard {
+        listeners.send_modify(|count| *count += 1);
+        ListenerGuard(listeners)
+    }
+}
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
+    }
+}
+
+impl MemoryStore {
+    pub fn new(settings: ResumeSettings) -> MemoryStore {
+        MemoryStore {
+            settings,
+            streams: Mutex::default(),
+        }
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn open(&self, stream: &StreamId, owner: &str, listeners: watch::Sender<usize>) {
+        self.streams().by_id.insert(
+            stream.clone(),
+            Buffer {
+                owner: owner.to_owned(),
+                events: VecDeque::new(),
+                bytes: 0,
+                dropped: None,
+                last: watch::Sender::new(0),
+                ended: false,
+                listeners: Arc::new(listeners),
+            },
+        );
+    }
+
+    /// Appends `event`, dropping the stream's oldest events beyond its cap, and beyond the
+    /// total first the ended streams that expire soonest, then this stream's oldest.
+    pub fn append(&self, stream: &StreamId, event: Event) {
+        let size = event.size();
+        let settings = self.settings;
+        let mut guard = self.streams();
+        let streams = &mut *guard;
+        while streams.bytes + size > settings.max_bytes_total {
+            let Some((_, oldest)) = streams.expiring.pop_front() else {
+                break;
+            };
+            streams.remove(&oldest);
+        }
+        let over_total = streams.bytes + size > settings.max_bytes_total;
+        let Some(buffer) = streams.by_id.get_mut(stream) else {
+            return;
+        };
+        let mut freed = 0;
+        let mut cap = "resume_max_bytes_per_stream";
+        while !buffer.events.is_empty()
+            && (buffer.bytes + size > settings.max_bytes_per_stream
+                || (over_total && freed < size))
+        {
+            if buffer.bytes + size <= settings.max_bytes_per_stream {
+                cap = "resume_max_bytes_total";
+            }
+            let Some(oldest) = buffer.events.pop_front() else {
+                break;
+            };
+            buffer.bytes -= oldest.size();
+            freed += oldest.size();
+            buffer.dropped = Some((oldest.seq, cap));
+        }
+        let seq = event.seq;
+        buffer.bytes += size;
+        buffer.events.push_back(event);
+        buffer.last.send_replace(seq);
+        streams.bytes = streams.bytes + size - freed;
+    }
+
+    /// The stream has no more events; it is held for `resume_window` from now.
+    pub fn end(&self, stream: &StreamId) {
+        let mut streams = self.streams();
+        if let Some(buffer) = streams.by_id.get_mut(stream) {
+            buffer.ended = true;
+            buffer.last.send_modify(|_| {});
+            streams
+                .expiring
+                .push_back((Instant::now() + self.settings.window, stream.clone()));
+        }
+    }
+
+    pub fn remove(&self, stream: &StreamId) {
+        self.streams().remove(stream);
+    }
+
+    /// Frees the streams whose window is over.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut streams = self.streams();
+        while let Some((expires, _)) = streams.expiring.front()
+            && *expires <= now
+        {
+            if let Some((_, stream)) = streams.expiring.pop_front() {
+                streams.remove(&stream);
+            }
+        }
+    }
+
+    /// Whether `owner`'s stream has ended with event `seq`: a client that read it has all.
+    pub fn finished_at(&self, stream: &StreamId, owner: &str, seq: u64) -> Result<bool> {
+        let streams = self.streams();
+        let buffer = streams.find(stream, owner)?;
+        Ok(buffer.ended && *buffer.last.borrow() == seq)
+    }
+
+    /// `owner`'s stream from the event after `after` on, the rest as it comes, until it
+    /// ends. The stream is read in batches under the lock, and waited for without it.
+    pub fn read(
+        self: &Arc<Self>,
+        stream: &StreamId,
+        owner: &str,
+        after: u64,
+    ) -> Result<BoxStream<'static, Result<Event>>> {
+        let (mut appended, listener) = {
+            let streams = self.streams();
+            let buffer = streams.find(stream, owner)?;
+            buffer.check_held(stream, after)?;
+            if after > *buffer.last.borrow() && buffer.ended {
+                return Err(Error::InvalidRequest(format!(
+                    "stream `{stream}` has no event {after}"
+                )));
+            }
+            (
+                buffer.last.subscribe(),
+                ListenerGuard::new(buffer.listeners.clone()),
+            )
+        };
+        let store = self.clone();
+        let stream = stream.clone();
+        Ok(Box::pin(async_stream::stream! {
+            let _listener = listener;
+            let mut next = after + 1;
+            loop {
+                appended.borrow_and_update();
+                let batch = {
+                    let streams = store.streams();
+                    match streams.by_id.get(&stream) {
+                        None => Err(expired(&stream)),
+                        Some(buffer) => buffer.check_held(&stream, next - 1).map(|()| {
+                            let skip = buffer.events.iter().take_while(|e| e.seq < next).count();
+                            let batch: Vec<Event> = buffer.events.iter().skip(skip).cloned().collect();
+                            (batch, buffer.ended)
+                        }),
+                    }
+                };
+                match batch {
+                    Err(err) => {
+                        yield Err(err);
+                        return;
+                    }
+                    Ok((batch, ended)) => {
+                        let caught_up = batch.is_empty();
+                        for event in batch {
+                            next = event.seq + 1;
+                            yield Ok(event);
+                        }
+                        if caught_up && ended {
+                            return;
+                        }
+                    }
+                }
+                if appended.changed().await.is_err() {
+                    // Removed: the next look says so.
+                    continue;
+                }
+            }
+        }))
+    }
+}
+
+impl Streams {
+    fn remove(&mut self, stream: &StreamId) {
+        if let Some(buffer) = self.by_id.remove(stream) {
+            self.bytes -= buffer.bytes;
+        }
+    }
+
+    fn find(&self, stream: &StreamId, owner: &str) -> Result<&Buffer> {
+        let buffer = self.by_id.get(stream).ok_or_else(|| expired(stream))?;
+        if buffer.owner != owner {
+            return Err(Error::UnknownStream(format!(
+                "stream `{stream}` was not started with this API key"
+            )));
+        }
+        Ok(buffer)
+    }
+}
+
+impl Buffer {
+    /// Checks that every event after `after` is still held.
+    fn check_held(&self, stream: &StreamId, after: u64) -> Result<()> {
+        match self.dropped {
+            Some((dropped, cap)) if after < dropped => Err(Error::ResumeExpired(format!(
+                "the events of stream `{stream}` after {after} up to {dropped} were dropped to stay under `{cap}`; start a new stream"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn expired(stream: &StreamId) -> Error {
+    Error::ResumeExpired(format!(
+        "stream `{stream}` is not held here: it ended or lost its clients more than `resume_window` ago (or never existed); start a new stream"
+    ))
+}
+
+/// Frees expired streams every second while the store exists.
+pub fn sweep_every_second(store: Weak<MemoryStore>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            every.tick().await;
+            match store.upgrade() {
+                Some(store) => store.sweep(),
+                None => return,
+            }
+        }
+    });
+}

@@ -1,0 +1,287 @@
+//! Resumable streams (`resume_window`): the events of an answer, serialized once, are
+//! numbered and held so that a client that lost its connection can come back for the ones
+//! it missed and the rest, exactly once and in order.
+//!
+//! A recorder task owns the [`Generation`] of a resumable stream: it appends each event to
+//! the store and cancels the generation once the stream has had no client for
+//! `resume_window`. Clients (the first one and those that resume) read the store, never
+//! the generation, so the first and a resumed client see the same numbered events. The
+//! store holds opaque events (a name and JSON bytes): new kinds of events need no change
+//! here.
+
+mod memory;
+
+use std::{fmt, pin::Pin, sync::Arc, task::Poll, time::Duration};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream::BoxStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::memory::MemoryStore;
+use crate::{
+    config::ResumeSettings,
+    error::{Error, Result},
+    generation::Generation,
+    provider::Chunk,
+};
+
+/// What a stream's events are stored as, per event, besides their bytes: the struct, its
+/// place in the queue and in the map.
+const EVENT_OVERHEAD: usize = 64;
+
+/// A stream's id: 128 random bits as 32 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamId(Arc<str>);
+
+impl StreamId {
+    pub fn new() -> StreamId {
+        StreamId(uuid::Uuid::new_v4().simple().to_string().into())
+    }
+
+    pub fn parse(text: &str) -> Option<StreamId> {
+        (text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| StreamId(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for StreamId {
+    fn default() -> Self {
+        StreamId::new()
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An event's id, `<stream id>:<sequence number>` (the first event is 1): the SSE `id:`
+/// that `Last-Event-ID` brings back, from which the stream is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventId {
+    pub stream: StreamId,
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Reads a `Last-Event-ID`.
+    pub fn parse(text: &str) -> Result<EventId> {
+        text.split_once(':')
+            .and_then(|(stream, seq)| {
+                Some(EventId {
+                    stream: StreamId::parse(stream)?,
+                    seq: seq.parse().ok()?,
+                })
+            })
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "`Last-Event-ID: {}` is not an event id of this gateway (`<stream id>:<number>`)",
+                    text.chars().take(80).flat_map(char::escape_debug).collect::<String>()
+                ))
+            })
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.stream, self.seq)
+    }
+}
+
+/// One event of a stream, serialized: its name (`chunk`, `done`, ...) and its JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub name: Bytes,
+    pub json: Bytes,
+}
+
+impl Event {
+    /// What holding it costs, for the caps.
+    fn size(&self) -> usize {
+        self.name.len() + self.json.len() + EVENT_OVERHEAD
+    }
+}
+
+/// How an answer's items become events; the transports own the wire format.
+pub type Serialize = fn(Result<Chunk>) -> (Bytes, Bytes);
+
+/// The events of resumable streams, and the recorders that fill them.
+pub struct Resume {
+    settings: ResumeSettings,
+    memory: Arc<MemoryStore>,
+}
+
+/// A resume's answer.
+pub enum Resumed {
+    /// The missed events, then the rest as they come.
+    Events(Listening),
+    /// The stream ended and the client had every event: nothing more to send.
+    Finished,
+}
+
+impl Resume {
+    /// The store; with resumption on, a task frees expired streams every second.
+    pub fn new(settings: ResumeSettings) -> Resume {
+        let memory = Arc::new(MemoryStore::new(settings));
+        if settings.enabled() {
+            memory::sweep_every_second(Arc::downgrade(&memory));
+        }
+        Resume { settings, memory }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.enabled()
+    }
+
+    /// Records `generation` under a new stream id for the API key `owner`, and returns its
+    /// events as the first client reads them. The generation goes on while the stream has
+    /// no client, for `resume_window`.
+    pub fn record(&self, owner: &str, generation: Generation, serialize: Serialize) -> Listening {
+        let stream = StreamId::new();
+        let (listeners, watching) = watch::channel(0usize);
+        let cancel = CancellationToken::new();
+        self.memory.open(&stream, owner, listeners);
+        let first = self
+            .memory
+            .read(&stream, owner, 0)
+            .expect("a stream just opened is there, with nothing dropped");
+        tokio::spawn(record(
+            self.memory.clone(),
+            stream.clone(),
+            generation,
+            serialize,
+            watching,
+            cancel.clone(),
+            self.settings.window,
+        ));
+        Listening {
+            stream,
+            events: first,
+            cancel,
+        }
+    }
+
+    /// The events of the stream `after` names, after it, for the API key `owner`.
+    pub fn resume(&self, owner: &str, after: &EventId) -> Result<Resumed> {
+        if !self.enabled() {
+            return Err(Error::ResumeExpired(format!(
+                "stream `{}` cannot be resumed: resumption is off on this gateway (resume_window = 0); start a new stream without Last-Event-ID",
+                after.stream
+            )));
+        }
+        if self.memory.finished_at(&after.stream, owner, after.seq)? {
+            return Ok(Resumed::Finished);
+        }
+        let events = self.memory.read(&after.stream, owner, after.seq)?;
+        Ok(Resumed::Events(Listening {
+            stream: after.stream.clone(),
+            events,
+            cancel: CancellationToken::new(),
+        }))
+    }
+}
+
+/// A client reading a stream's events; while it exists the stream has a client.
+pub struct Listening {
+    pub stream: StreamId,
+    events: BoxStream<'static, Result<Event>>,
+    cancel: CancellationToken,
+}
+
+impl Listening {
+    /// Ends the generation at the client's request (`{"type":"cancel"}`). Only the first
+    /// client's handle can; a resumed stream ends when its recorder's client would.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Stream for Listening {
+    type Item = Result<Event>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+/// Appends the generation's events to the store until it ends, the client cancels it, or
+/// it has had no client for `window`.
+async fn record(
+    memory: Arc<MemoryStore>,
+    stream: StreamId,
+    mut generation: Generation,
+    serialize: Serialize,
+    listeners: watch::Receiver<usize>,
+    cancel: CancellationToken,
+    window: Duration,
+) {
+    let abandoned = abandoned(listeners, window);
+    tokio::pin!(abandoned);
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            biased;
+            item = generation.next() => match item {
+                Some(item) => {
+                    seq += 1;
+                    let (name, json) = serialize(item);
+                    memory.append(&stream, Event { seq, name, json });
+                }
+                None => {
+                    memory.end(&stream);
+                    return;
+                }
+            },
+            _ = cancel.cancelled() => {
+                generation.cancel();
+                memory.end(&stream);
+                return;
+            }
+            _ = &mut abandoned => {
+                tracing::info!(stream = %stream, ?window, "nobody came back for the stream: cancelling it");
+                drop(generation);
+                memory.remove(&stream);
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves once nobody has listened for `window` in a row.
+async fn abandoned(mut listeners: watch::Receiver<usize>, window: Duration) {
+    loop {
+        if listeners.wait_for(|count| *count == 0).await.is_err() {
+            // The stream was removed from the store: nobody can come back.
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(window) => return,
+            back = listeners.wait_for(|count| *count > 0) => if back.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_id_names_its_stream_and_number() {
+        let stream = StreamId::new();
+        let id = EventId { stream, seq: 42 };
+        assert_eq!(EventId::parse(&id.to_string()).unwrap(), id);
+        for bad in ["", "abc", "abc:1", &format!("{}:x", id.stream), &format!("{}", id.stream)] {
+            assert_eq!(EventId::parse(bad).unwrap_err().code(), "invalid_request", "{bad}");
+        }
+    }
+}
