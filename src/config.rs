@@ -321,13 +321,13 @@ impl<'de> Deserialize<'de> for WindowSetting {
             Written::Seconds(_) => Err(serde::de::Error::custom(
                 "write the duration with its unit, e.g. \"30s\" (or 0 for off)",
             )),
-            Written::Text(text) => humantime::parse_duration(&text)
-                .map(WindowSetting)
-                .map_err(|err| {
+            Written::Text(text) => humantime::parse_duration(&text).map(WindowSetting).map_err(
+                |err| {
                     serde::de::Error::custom(format!(
                         "`{text}` is not a duration ({err}); write e.g. \"30s\", or \"0\" for off"
                     ))
-                }),
+                },
+            ),
         }
     }
 }
@@ -341,10 +341,11 @@ fn resume_settings(
 ) -> Result<ResumeSettings, ConfigError> {
     let settings = ResumeSettings {
         window: window.map_or(Duration::ZERO, |window| window.into_inner().0),
-        max_bytes_per_stream: max_bytes_per_stream.as_ref().map_or(
-            ResumeSettings::MAX_BYTES_PER_STREAM,
-            |max| max.get_ref().get(),
-        ),
+        max_bytes_per_stream: max_bytes_per_stream
+            .as_ref()
+            .map_or(ResumeSettings::MAX_BYTES_PER_STREAM, |max| {
+                max.get_ref().get()
+            }),
         max_bytes_total: max_bytes_total.map_or(ResumeSettings::MAX_BYTES_TOTAL, NonZeroUsize::get),
     };
     if settings.max_bytes_per_stream > settings.max_bytes_total {
@@ -778,7 +779,10 @@ mod tests {
         let err = resume("resume_max_bytes_total = 1000\nresume_max_bytes_per_stream = 2000\n")
             .unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");
-        assert!(err.message.contains("`resume_max_bytes_per_stream`"), "{err}");
+        assert!(
+            err.message.contains("`resume_max_bytes_per_stream`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -92,8 +92,14 @@ impl Gateway {
         transport: Transport,
         client_gone: &CancellationToken,
     ) -> Result<Generation> {
-        self.start(request, caller, transport, client_gone, CancellationToken::new())
-            .await
+        self.start(
+            request,
+            caller,
+            transport,
+            client_gone,
+            CancellationToken::new(),
+        )
+        .await
     }
 
     async fn start(

@@ -9,6 +9,7 @@ use std::{
 
 use futures_util::stream::BoxStream;
 use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::{Event, StreamId};
 use crate::{
@@ -47,6 +48,8 @@ struct Buffer {
     ended: bool,
     /// How many clients read the stream.
     listeners: Arc<watch::Sender<usize>>,
+    /// Ends the generation (a client's `cancel`).
+    cancel: CancellationToken,
 }
 
 /// One more client of a stream, until dropped.
@@ -77,7 +80,13 @@ impl MemoryStore {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn open(&self, stream: &StreamId, owner: &str, listeners: watch::Sender<usize>) {
+    pub fn open(
+        &self,
+        stream: &StreamId,
+        owner: &str,
+        listeners: watch::Sender<usize>,
+        cancel: CancellationToken,
+    ) {
         self.streams().by_id.insert(
             stream.clone(),
             Buffer {
@@ -88,6 +97,7 @@ impl MemoryStore {
                 last: watch::Sender::new(0),
                 ended: false,
                 listeners: Arc::new(listeners),
+                cancel,
             },
         );
     }
@@ -112,8 +122,7 @@ impl MemoryStore {
         let mut freed = 0;
         let mut cap = "resume_max_bytes_per_stream";
         while !buffer.events.is_empty()
-            && (buffer.bytes + size > settings.max_bytes_per_stream
-                || (over_total && freed < size))
+            && (buffer.bytes + size > settings.max_bytes_per_stream || (over_total && freed < size))
         {
             if buffer.bytes + size <= settings.max_bytes_per_stream {
                 cap = "resume_max_bytes_total";
@@ -159,6 +168,15 @@ impl MemoryStore {
                 streams.remove(&stream);
             }
         }
+    }
+
+    /// What cancels the stream's generation.
+    pub fn cancel_token(&self, stream: &StreamId) -> CancellationToken {
+        self.streams()
+            .by_id
+            .get(stream)
+            .map(|buffer| buffer.cancel.clone())
+            .unwrap_or_default()
     }
 
     /// Whether `owner`'s stream has ended with event `seq`: a client that read it has all.
@@ -214,19 +232,18 @@ impl MemoryStore {
                         return;
                     }
                     Ok((batch, ended)) => {
-                        let caught_up = batch.is_empty();
+                        if batch.is_empty() {
+                            if ended {
+                                return;
+                            }
+                            // An error means it was removed: the next look says so.
+                            let _ = appended.changed().await;
+                        }
                         for event in batch {
                             next = event.seq + 1;
                             yield Ok(event);
                         }
-                        if caught_up && ended {
-                            return;
-                        }
                     }
-                }
-                if appended.changed().await.is_err() {
-                    // Removed: the next look says so.
-                    continue;
                 }
             }
         }))

@@ -147,7 +147,7 @@ impl Resume {
         let stream = StreamId::new();
         let (listeners, watching) = watch::channel(0usize);
         let cancel = CancellationToken::new();
-        self.memory.open(&stream, owner, listeners);
+        self.memory.open(&stream, owner, listeners, cancel.clone());
         let first = self
             .memory
             .read(&stream, owner, 0)
@@ -183,7 +183,7 @@ impl Resume {
         Ok(Resumed::Events(Listening {
             stream: after.stream.clone(),
             events,
-            cancel: CancellationToken::new(),
+            cancel: self.memory.cancel_token(&after.stream),
         }))
     }
 }
@@ -196,8 +196,7 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Ends the generation at the client's request (`{"type":"cancel"}`). Only the first
-    /// client's handle can; a resumed stream ends when its recorder's client would.
+    /// Ends the generation at the client's request (`{"type":"cancel"}`).
     pub fn cancel(&self) {
         self.cancel.cancel();
     }
@@ -280,8 +279,18 @@ mod tests {
         let stream = StreamId::new();
         let id = EventId { stream, seq: 42 };
         assert_eq!(EventId::parse(&id.to_string()).unwrap(), id);
-        for bad in ["", "abc", "abc:1", &format!("{}:x", id.stream), &format!("{}", id.stream)] {
-            assert_eq!(EventId::parse(bad).unwrap_err().code(), "invalid_request", "{bad}");
+        for bad in [
+            "",
+            "abc",
+            "abc:1",
+            &format!("{}:x", id.stream),
+            &format!("{}", id.stream),
+        ] {
+            assert_eq!(
+                EventId::parse(bad).unwrap_err().code(),
+                "invalid_request",
+                "{bad}"
+            );
         }
     }
 }

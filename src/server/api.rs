@@ -186,9 +186,7 @@ async fn stream(
     let client_gone = ClientGone::of(http);
     if let Some(last) = last_event_id(http)? {
         return Ok(match gateway.resume.resume(caller.id(), &last)? {
-            Resumed::Events(listening) => {
-                EventStream::recorded(listening, client_gone, keep_alive)
-            }
+            Resumed::Events(listening) => EventStream::recorded(listening, client_gone, keep_alive),
             Resumed::Finished => EventStream::finished(keep_alive),
         });
     }

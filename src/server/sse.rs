@@ -17,8 +17,7 @@ use poem_openapi::{
     ApiResponse,
     payload::Payload,
     registry::{
-        MetaHeader, MetaMediaType, MetaResponse, MetaResponses, MetaSchema, MetaSchemaRef,
-        Registry,
+        MetaHeader, MetaMediaType, MetaResponse, MetaResponses, MetaSchema, MetaSchemaRef, Registry,
     },
     types::Type,
 };
@@ -161,9 +160,7 @@ impl IntoResponse for EventStream {
         );
         let body = futures_util::stream::poll_fn(move |cx| {
             if let Poll::Ready(event) = events.poll_next_unpin(cx) {
-                return Poll::Ready(
-                    event.map(Ok::<_, std::io::Error>),
-                );
+                return Poll::Ready(event.map(Ok::<_, std::io::Error>));
             }
             keep_alive
                 .poll_tick(cx)

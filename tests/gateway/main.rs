@@ -17,6 +17,7 @@ mod limits;
 #[cfg(feature = "local")]
 mod local;
 mod operations;
+mod resume;
 mod schema;
 mod service;
 mod soak;
