@@ -18,10 +18,17 @@ fi
 
 # Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
 # chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
-if ! command -v chromium >/dev/null; then
+# Debian's redis-server and haproxy for the multi-replica tests (tests/gateway/cluster*.rs),
+# which start their own on free ports.
+missing=""
+command -v chromium >/dev/null || missing="$missing chromium"
+command -v redis-server >/dev/null || missing="$missing redis-server"
+command -v haproxy >/dev/null || missing="$missing haproxy"
+if [ -n "$missing" ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  # shellcheck disable=SC2086 # one word per package
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)

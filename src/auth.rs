@@ -1,18 +1,17 @@
 //! API keys and their limits. Keys are kept and compared as SHA-256 hashes, in constant
 //! time; a key's secret never reaches a log, a metric or an error message (its `id` does).
 
-use std::{num::NonZeroU32, sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter, clock::Clock};
 use poem::Request;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    config::ApiKeySpec,
+    config::{ApiKeySpec, KeyLimits},
     error::{Error, Result},
+    limiter::KeyRef,
 };
 
 /// The WebSocket subprotocol prefix that carries a key, for browsers, which cannot set
@@ -27,12 +26,8 @@ pub struct Auth {
 pub struct ApiKey {
     pub id: String,
     sha256: [u8; 32],
-    requests: Option<DefaultDirectRateLimiter>,
-    tokens: Option<DefaultDirectRateLimiter>,
-    /// The key's upstream calls in flight (config `concurrent_streams`: every call counts,
-    /// `/invoke` as much as a stream).
-    calls: Option<Arc<Semaphore>>,
-    concurrent_calls: usize,
+    /// Kept by the gateway's [`crate::limiter::Limiter`].
+    pub limits: KeyLimits,
 }
 
 /// Who is calling: their key when keys are configured, `None` on an open gateway.
@@ -46,7 +41,6 @@ struct KeyQuery {
 
 impl Auth {
     pub fn new(specs: &[ApiKeySpec]) -> Self {
-        let per_minute = |n: NonZeroU32| RateLimiter::direct(Quota::per_minute(n));
         Auth {
             keys: specs
                 .iter()
@@ -54,13 +48,7 @@ impl Auth {
                     Arc::new(ApiKey {
                         id: spec.id.clone(),
                         sha256: spec.sha256,
-                        requests: spec.limits.requests_per_minute.map(per_minute),
-                        tokens: spec.limits.tokens_per_minute.map(per_minute),
-                        calls: spec
-                            .limits
-                            .concurrent_streams
-                            .map(|n| Arc::new(Semaphore::new(n.get()))),
-                        concurrent_calls: spec.limits.concurrent_streams.map_or(0, |n| n.get()),
+                        limits: spec.limits,
                     })
                 })
                 .collect(),
@@ -125,84 +113,18 @@ impl Caller {
         self.0.as_ref().map_or("none", |key| key.id.as_str())
     }
 
-    /// Takes one request from the key's per-minute budget and checks it has tokens left.
-    /// Called last, once every other check passed, so that a refused request costs nothing.
-    pub fn admit(&self) -> Result<()> {
-        let Some(key) = &self.0 else { return Ok(()) };
-        if let Some(tokens) = &key.tokens {
-            // This takes one token (so that a refusal below costs next to nothing); the
-            // tokens the request uses are taken when it ends (`spend_tokens`).
-            tokens.check().map_err(|not_until| {
-                rate_limited(
-                    format!("API key `{}` has used its tokens per minute", key.id),
-                    &not_until,
-                )
-            })?;
-        }
-        if let Some(requests) = &key.requests {
-            requests.check().map_err(|not_until| {
-                rate_limited(
-                    format!("API key `{}` is over its requests per minute", key.id),
-                    &not_until,
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    /// A slot among the key's concurrent upstream calls, held for the call's whole life.
-    pub fn call_permit(&self) -> Result<Option<OwnedSemaphorePermit>> {
-        let Some(key) = &self.0 else { return Ok(None) };
-        let Some(calls) = &key.calls else {
-            return Ok(None);
-        };
-        calls.clone().try_acquire_owned().map(Some).map_err(|_| {
-            Error::RateLimited {
-                message: format!(
-                    "API key `{}` already has {} upstream calls in flight (concurrent_streams); wait for one to end",
-                    key.id, key.concurrent_calls
-                ),
-                retry_after_secs: 1,
-            }
+    /// The key and its limits, for the limiter; `None` on an open gateway.
+    pub fn key(&self) -> Option<KeyRef<'_>> {
+        self.0.as_ref().map(|key| KeyRef {
+            id: &key.id,
+            limits: &key.limits,
         })
-    }
-
-    /// Takes the tokens a request used from the key's per-minute budget, as far as it goes.
-    pub fn spend_tokens(&self, count: u32) {
-        if let Some(tokens) = self.0.as_ref().and_then(|key| key.tokens.as_ref()) {
-            spend(tokens, count);
-        }
-    }
-}
-
-/// Takes up to `count` cells from a limiter: GCRA has no debt, so a request that used more
-/// than is left empties the budget instead.
-fn spend(limiter: &DefaultDirectRateLimiter, count: u32) {
-    let mut left = count;
-    let mut chunk = count;
-    while left > 0 && chunk > 0 {
-        match NonZeroU32::new(chunk.min(left)).map(|n| limiter.check_n(n)) {
-            Some(Ok(Ok(()))) => left -= chunk.min(left),
-            _ => chunk /= 2,
-        }
-    }
-}
-
-fn rate_limited(
-    message: String,
-    not_until: &governor::NotUntil<<governor::clock::DefaultClock as Clock>::Instant>,
-) -> Error {
-    let wait: Duration = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-    Error::RateLimited {
-        message,
-        retry_after_secs: wait.as_secs().max(1),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeyLimits;
 
     fn auth(limits: KeyLimits) -> Auth {
         Auth::new(&[ApiKeySpec {
@@ -259,50 +181,5 @@ mod tests {
         let open = Auth::new(&[]);
         assert!(open.is_open());
         assert_eq!(open.authenticate(&request(None, "/")).unwrap().id(), "none");
-    }
-
-    #[test]
-    fn requests_per_minute_are_limited_with_a_retry_after() {
-        let auth = auth(KeyLimits {
-            requests_per_minute: NonZeroU32::new(2),
-            ..KeyLimits::default()
-        });
-        let caller = auth
-            .authenticate(&request(Some("Bearer s3cret"), "/"))
-            .unwrap();
-        assert!(caller.admit().is_ok());
-        assert!(caller.admit().is_ok());
-        let refused = caller.admit().unwrap_err();
-        assert_eq!(refused.code(), "rate_limited");
-        assert!(refused.retry_after().unwrap() >= 1);
-    }
-
-    #[test]
-    fn spent_tokens_exhaust_the_budget() {
-        let auth = auth(KeyLimits {
-            tokens_per_minute: NonZeroU32::new(100),
-            ..KeyLimits::default()
-        });
-        let caller = auth
-            .authenticate(&request(Some("Bearer s3cret"), "/"))
-            .unwrap();
-        assert!(caller.admit().is_ok());
-        caller.spend_tokens(250);
-        assert_eq!(caller.admit().unwrap_err().code(), "rate_limited");
-    }
-
-    #[test]
-    fn concurrent_calls_are_limited_while_permits_live() {
-        let auth = auth(KeyLimits {
-            concurrent_streams: std::num::NonZeroUsize::new(1),
-            ..KeyLimits::default()
-        });
-        let caller = auth
-            .authenticate(&request(Some("Bearer s3cret"), "/"))
-            .unwrap();
-        let held = caller.call_permit().unwrap();
-        assert!(caller.call_permit().is_err());
-        drop(held);
-        assert!(caller.call_permit().is_ok());
     }
 }

@@ -5,7 +5,7 @@ use std::{
     cell::Cell,
     collections::HashMap,
     fmt,
-    num::{NonZeroU32, NonZeroUsize},
+    num::{NonZeroU32, NonZeroU64, NonZeroUsize},
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
@@ -48,6 +48,8 @@ pub struct Config {
     pub api_key_limits: KeyLimits,
     pub models: Vec<ModelSpec>,
     pub resume: ResumeSettings,
+    /// `[cluster]`: the Redis that replicas share their keys' limits through.
+    pub cluster: ClusterSettings,
 }
 
 /// Resumable streams: how long a stream without a client goes on, and the bytes of events
@@ -153,6 +155,9 @@ pub struct KeyLimits {
     pub requests_per_minute: Option<NonZeroU32>,
     pub tokens_per_minute: Option<NonZeroU32>,
     pub concurrent_streams: Option<NonZeroUsize>,
+    /// Tokens (input and output) per UTC calendar day and month.
+    pub tokens_per_day: Option<NonZeroU64>,
+    pub tokens_per_month: Option<NonZeroU64>,
 }
 
 /// A configuration error, located in its file.
@@ -213,6 +218,8 @@ struct RawConfig {
     api_key_limits: RawKeyLimits,
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    cluster: RawCluster,
     /// Read apart, with their providers' fields (see [`read_models`]).
     #[serde(default, rename = "models")]
     _models: Vec<IgnoredAny>,
@@ -263,6 +270,8 @@ struct RawKeyLimits {
     requests_per_minute: Option<NonZeroU32>,
     tokens_per_minute: Option<NonZeroU32>,
     concurrent_streams: Option<NonZeroUsize>,
+    tokens_per_day: Option<NonZeroU64>,
+    tokens_per_month: Option<NonZeroU64>,
 }
 
 impl RawKeyLimits {
@@ -271,6 +280,8 @@ impl RawKeyLimits {
             requests_per_minute: self.requests_per_minute.or(defaults.requests_per_minute),
             tokens_per_minute: self.tokens_per_minute.or(defaults.tokens_per_minute),
             concurrent_streams: self.concurrent_streams.or(defaults.concurrent_streams),
+            tokens_per_day: self.tokens_per_day.or(defaults.tokens_per_day),
+            tokens_per_month: self.tokens_per_month.or(defaults.tokens_per_month),
         }
     }
 }
@@ -563,6 +574,7 @@ impl Config {
             api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),
             models,
             resume,
+            cluster: raw.cluster.settings(&at)?,
         })
     }
 
@@ -598,6 +610,120 @@ impl Config {
         Ok(())
     }
 }
+
+// ---- `[cluster]`: replicas sharing their keys' limits through Redis ----
+
+/// `[cluster]`: without `redis_url` every limit is kept in this process alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `redis://` or `rediss://` (TLS), with a password if any: never logged as written
+    /// (see [`ClusterSettings::redacted_url`]).
+    pub redis_url: Option<String>,
+    /// What a request meets when Redis cannot answer a limit check in time.
+    pub on_redis_error: OnRedisError,
+    /// How long a limit check may wait for Redis before `on_redis_error` applies.
+    pub redis_timeout: Duration,
+    /// How long a concurrent-stream lease outlives a replica that stopped renewing it.
+    pub lease_ttl: Duration,
+    /// Prefix of every Redis key the gateway writes.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// The request goes on without the shared limits (logged and counted).
+    #[default]
+    Allow,
+    /// The request is refused with 503 `limits_unavailable`.
+    Deny,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            redis_url: None,
+            on_redis_error: OnRedisError::Allow,
+            redis_timeout: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(30),
+            key_prefix: "modelgate".into(),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The URL with its password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_url)
+    }
+}
+
+/// `url` with any password replaced by `***` (and nothing at all if it does not parse).
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// Checks a Redis URL without ever echoing it (it may hold a password).
+fn check_redis_url(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo;
+    url.into_connection_info().map(|_| ()).map_err(|err| {
+        format!(
+            "`redis_url` is not a Redis URL ({}); write e.g. \"redis://:PASSWORD@host:6379/0\", or \"rediss://…\" for TLS",
+            err.category()
+        )
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<Spanned<String>>,
+    on_redis_error: Option<OnRedisError>,
+    redis_timeout: Option<Wait>,
+    lease_ttl: Option<Wait>,
+    key_prefix: Option<String>,
+}
+
+impl RawCluster {
+    fn settings(self, at: &At) -> Result<ClusterSettings, ConfigError> {
+        let defaults = ClusterSettings::default();
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url.get_ref()).map_err(|message| at(Some(url.span()), message))?;
+        }
+        Ok(ClusterSettings {
+            redis_url: self.redis_url.map(Spanned::into_inner),
+            on_redis_error: self.on_redis_error.unwrap_or_default(),
+            redis_timeout: self
+                .redis_timeout
+                .map_or(defaults.redis_timeout, |wait| wait.0),
+            lease_ttl: self.lease_ttl.map_or(defaults.lease_ttl, |wait| wait.0),
+            key_prefix: self.key_prefix.unwrap_or(defaults.key_prefix),
+        })
+    }
+}
+
+impl Config {
+    /// `MODELGATE_REDIS_URL`, which beats `[cluster] redis_url`.
+    pub fn set_redis_url(&mut self, url: &str) -> Result<(), ConfigError> {
+        check_redis_url(url).map_err(|message| ConfigError {
+            source: "MODELGATE_REDIS_URL".into(),
+            line: None,
+            message,
+        })?;
+        self.cluster.redis_url = Some(url.to_owned());
+        Ok(())
+    }
+}
+
+// ---- end of `[cluster]` ----
 
 /// The WebSocket settings, defaults applied; the idle timeout must leave room for a ping.
 fn ws_settings(

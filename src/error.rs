@@ -53,6 +53,16 @@ pub enum Error {
         message: String,
         retry_after_secs: u64,
     },
+    /// The caller's API key has used its `tokens_per_day` or `tokens_per_month`; retry after
+    /// this many seconds (the budget's reset).
+    #[error("{message}")]
+    BudgetExhausted {
+        message: String,
+        retry_after_secs: u64,
+    },
+    /// The shared per-key limits (Redis) cannot be checked and `on_redis_error = "deny"`.
+    #[error("{0}")]
+    LimitsUnavailable(String),
     /// The upstream answered with an error that is not the client's fault.
     #[error("{0}")]
     Upstream(String),
@@ -162,6 +172,16 @@ impl Error {
                 "rate_limited",
                 "the API key is over one of its limits, retry after `Retry-After` seconds",
             ),
+            Error::BudgetExhausted { .. } => map(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exhausted",
+                "the API key has used its token budget of the day or month, retry after `Retry-After` seconds (its reset)",
+            ),
+            Error::LimitsUnavailable(_) => map(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "limits_unavailable",
+                "the shared per-key limits cannot be checked (Redis is unreachable and `on_redis_error` is `deny`)",
+            ),
             Error::Upstream(_) => map(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -228,10 +248,14 @@ impl Error {
             Error::Throttled(_) => Some(THROTTLE_RETRY_AFTER_SECS),
             Error::RateLimited {
                 retry_after_secs, ..
-            } => Some(*retry_after_secs),
-            Error::UpstreamUnavailable(_) | Error::ShuttingDown | Error::Overloaded(_) => {
-                Some(UNAVAILABLE_RETRY_AFTER_SECS)
             }
+            | Error::BudgetExhausted {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            Error::UpstreamUnavailable(_)
+            | Error::LimitsUnavailable(_)
+            | Error::ShuttingDown
+            | Error::Overloaded(_) => Some(UNAVAILABLE_RETRY_AFTER_SECS),
             Error::ModelLoading(_) => Some(LOADING_RETRY_AFTER_SECS),
             _ => None,
         }

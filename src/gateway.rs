@@ -13,9 +13,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     auth::{Auth, Caller},
+    cluster::Cluster,
     config::{Config, ServerSettings},
     error::{Error, Result},
     generation::{Generation, Pump, Transport},
+    limiter::{Admission, Limiter},
     provider::UsageMeter,
     registry::{Model, Registry},
     request::GenerateRequest,
@@ -30,6 +32,10 @@ pub struct Gateway {
     pub shutdown: Shutdown,
     /// Resumable streams' events (`resume_window`).
     pub resume: Resume,
+    /// The Redis shared with the other replicas, if any (`[cluster]`).
+    pub cluster: Cluster,
+    /// The keys' limits, in process or in the cluster's Redis.
+    limiter: Limiter,
     /// Upstream calls in flight across all models.
     upstream_slots: Arc<Semaphore>,
 }
@@ -58,15 +64,20 @@ impl Shutdown {
 }
 
 impl Gateway {
-    pub async fn build(config: &Config) -> Gateway {
-        Gateway {
+    /// Builds the gateway inside the Tokio runtime; fails on a `[cluster]` the Redis client
+    /// cannot use.
+    pub async fn build(config: &Config) -> Result<Gateway, String> {
+        let cluster = Cluster::start(&config.cluster)?;
+        Ok(Gateway {
             registry: Registry::build(config).await,
             auth: Auth::new(&config.api_keys),
             settings: config.server.clone(),
             shutdown: Shutdown::default(),
             resume: Resume::new(config.resume),
+            limiter: Limiter::new(&config.api_keys, &cluster),
+            cluster,
             upstream_slots: Arc::new(Semaphore::new(config.server.max_concurrent_upstream)),
-        }
+        })
     }
 
     /// Starts a streamed answer and waits for its first piece, so that a failure before the
@@ -111,7 +122,7 @@ impl Gateway {
         pump_client_gone: CancellationToken,
     ) -> Result<Generation> {
         let (model, request) = self.registry.prepare(request)?;
-        let permits = self.admit(&model, caller)?;
+        let (permits, admission) = self.admit(&model, caller, request.max_tokens).await?;
         let started = Instant::now();
         let settings = model.spec.upstream;
         let usage = UsageMeter::default();
@@ -150,6 +161,7 @@ impl Gateway {
             shutdown_deadline: self.shutdown.deadline.clone(),
             client_gone: pump_client_gone,
             permits,
+            admission,
             usage,
             in_flight: self.shutdown.work.token(),
             started,
@@ -158,15 +170,19 @@ impl Gateway {
     }
 
     /// Checks that the gateway takes new work and that the caller, the model and the
-    /// gateway are under their limits; the permits returned hold the slots. The slots are
-    /// taken first and the caller's per-minute budgets last, so that a refused request
-    /// costs the caller nothing.
-    fn admit(&self, model: &Model, caller: &Caller) -> Result<Vec<OwnedSemaphorePermit>> {
+    /// gateway are under their limits; the permits returned hold the slots, the admission
+    /// the caller's stream lease and token reservation (`max_tokens`). The slots are taken
+    /// first and the caller's limits last, so that a refused request costs the caller nothing.
+    async fn admit(
+        &self,
+        model: &Model,
+        caller: &Caller,
+        max_tokens: u32,
+    ) -> Result<(Vec<OwnedSemaphorePermit>, Admission)> {
         if self.shutdown.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let mut permits = Vec::with_capacity(3);
-        permits.extend(caller.call_permit()?);
+        let mut permits = Vec::with_capacity(2);
         let at_capacity =
             |what: String| Error::UpstreamUnavailable(format!("{what}; retry shortly"));
         permits.push(
@@ -186,7 +202,7 @@ impl Gateway {
                 model.spec.name, model.spec.upstream.max_concurrent
             ))
         })?);
-        caller.admit()?;
-        Ok(permits)
+        let admission = self.limiter.admit(caller.key(), max_tokens).await?;
+        Ok((permits, admission))
     }
 }

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::{
     auth::Caller,
     error::{Error, Result},
+    limiter::Admission,
     provider::{Chunk, ChunkStream, Finish, UpstreamSettings, Usage, UsageMeter},
     telemetry::{self, CancelReason},
 };
@@ -72,8 +73,10 @@ pub struct Pump {
     pub shutdown_deadline: CancellationToken,
     /// Fires when the client's connection closes, even while nothing is being written.
     pub client_gone: CancellationToken,
-    /// Upstream slots (global, per model, per key) held for the stream's whole life.
+    /// Upstream slots (global, per model) held for the stream's whole life.
     pub permits: Vec<OwnedSemaphorePermit>,
+    /// The caller's stream lease and token reservation, settled when the pump ends.
+    pub admission: Admission,
     /// What the provider reports of the tokens used by an answer that fails midway.
     pub usage: UsageMeter,
     /// Keeps a graceful shutdown waiting for this answer.
@@ -203,7 +206,13 @@ impl Pump {
                 telemetry::count_failure(&model, &err);
                 tracing::warn!(code = err.code(), "generation failed mid-stream: {err}");
             }
-            Ended::Cancelled(reason) => telemetry::count_cancellation(reason),
+            Ended::Cancelled(reason) => {
+                // What the upstream reported before the cancellation is paid for too.
+                let usage = self.usage.get();
+                self.admission
+                    .record(u64::from(usage.input_tokens) + u64::from(usage.output_tokens));
+                telemetry::count_cancellation(reason);
+            }
         }
         metrics::histogram!(telemetry::UPSTREAM_SECONDS, "model" => model)
             .record(elapsed.as_secs_f64());
@@ -211,11 +220,11 @@ impl Pump {
 }
 
 impl Pump {
-    /// Counts `usage` in the token metric and the caller's budget.
+    /// Counts `usage` in the token metric and settles the caller's reservation to it.
     fn spend(&self, usage: Usage) {
         telemetry::count_tokens(&self.model, self.caller.id(), usage);
-        self.caller
-            .spend_tokens(usage.input_tokens + usage.output_tokens);
+        self.admission
+            .record(u64::from(usage.input_tokens) + u64::from(usage.output_tokens));
     }
 }
 

@@ -7,13 +7,16 @@
 //! providers; [`provider`] talks to upstreams behind one trait; [`request`] validates what
 //! clients send; [`special_tokens`] keeps prompt-format tokens out of user text; [`error`]
 //! is the one error type. Beside them: [`config`] reads the registry file, [`auth`] holds
-//! the API keys and their limits, [`telemetry`] the logs and metrics.
+//! the API keys, [`limiter`] their limits (in process, or shared by replicas through the
+//! Redis of [`cluster`]), [`telemetry`] the logs and metrics.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod generation;
+pub mod limiter;
 pub mod provider;
 pub mod registry;
 pub mod request;

@@ -59,6 +59,9 @@ fn main() -> ExitCode {
         if let Ok(keys) = std::env::var("MODELGATE_API_KEYS") {
             config.add_env_keys(&keys)?;
         }
+        if let Ok(url) = std::env::var("MODELGATE_REDIS_URL") {
+            config.set_redis_url(&url)?;
+        }
         Ok(config)
     });
     let config = match config {
@@ -117,7 +120,13 @@ fn main() -> ExitCode {
             api_keys = config.api_keys.len(),
             "starting"
         );
-        let gateway = Arc::new(Gateway::build(&config).await);
+        let gateway = match Gateway::build(&config).await {
+            Ok(gateway) => Arc::new(gateway),
+            Err(err) => {
+                eprintln!("modelgate: invalid configuration: {err}");
+                return ExitCode::from(2);
+            }
+        };
         let metrics = telemetry::install_metrics();
         // The gateway's own origins include the address it actually bound.
         let state = |bound| AppState {

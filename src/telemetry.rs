@@ -189,6 +189,8 @@ pub const TOKENS: &str = "modelgate_tokens_total";
 pub const ACTIVE_STREAMS: &str = "modelgate_active_streams";
 pub const CANCELLATIONS: &str = "modelgate_cancellations_total";
 pub const UPSTREAM_ERRORS: &str = "modelgate_upstream_errors_total";
+/// Redis commands that failed or timed out, by `operation` (see `cluster`).
+pub const REDIS_ERRORS: &str = "modelgate_redis_errors_total";
 
 /// Installs the Prometheus recorder; `/metrics` renders the returned handle.
 pub fn install_metrics() -> PrometheusHandle {

@@ -40,6 +40,10 @@ pub struct ModelList {
 pub struct Health {
     /// `ok` while the gateway serves requests; `draining` once it is shutting down.
     pub status: String,
+    /// With `[cluster] redis_url`: `ok`, or `unreachable` (requests then follow
+    /// `on_redis_error`; the status stays `ok`).
+    #[oai(skip_serializing_if_is_none)]
+    pub redis: Option<String>,
 }
 
 #[derive(ApiResponse)]
@@ -160,13 +164,20 @@ impl Api {
     /// Liveness and readiness
     #[oai(path = "/healthz", method = "get", operation_id = "health")]
     async fn healthz(&self, Data(state): Data<&Arc<AppState>>) -> HealthResponse {
+        let redis = state
+            .gateway
+            .cluster
+            .redis_state()
+            .map(|redis| redis.as_str().to_owned());
         if state.gateway.shutdown.draining.is_cancelled() {
             HealthResponse::Draining(Json(Health {
                 status: "draining".into(),
+                redis,
             }))
         } else {
             HealthResponse::Ok(Json(Health {
                 status: "ok".into(),
+                redis,
             }))
         }
     }

@@ -73,6 +73,7 @@ pub struct TestApp<'a> {
     env: Vec<(String, String)>,
     nofile: Option<u64>,
     scenarios: Vec<(&'static str, Scenario)>,
+    cluster: Vec<String>,
 }
 
 impl Default for TestApp<'_> {
@@ -85,6 +86,7 @@ impl Default for TestApp<'_> {
             env: Vec::new(),
             nofile: None,
             scenarios: Vec::new(),
+            cluster: Vec::new(),
         }
     }
 }
@@ -141,6 +143,17 @@ impl<'a> TestApp<'a> {
         self
     }
 
+    /// `[cluster]` settings (e.g. `on_redis_error = "deny"`), written at the end of the file.
+    pub fn cluster(mut self, lines: &str) -> Self {
+        self.cluster.push(lines.to_owned());
+        self
+    }
+
+    /// Shares the keys' limits through the Redis at `url` (`[cluster] redis_url`).
+    pub fn redis(self, url: &str) -> Self {
+        self.cluster(&format!("redis_url = \"{url}\""))
+    }
+
     pub async fn spawn(self) -> App {
         let emulator = Emulator::start().await;
         for (model_id, scenario) in self.scenarios {
@@ -152,6 +165,11 @@ impl<'a> TestApp<'a> {
         for key in &self.api_keys {
             config.push('\n');
             config.push_str(key);
+        }
+        if !self.cluster.is_empty() {
+            config.push_str("\n[cluster]\n");
+            config.push_str(&self.cluster.join("\n"));
+            config.push('\n');
         }
         let file = config_file(&config);
         let mut command = gateway_command(self.credentials);

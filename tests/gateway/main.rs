@@ -5,6 +5,7 @@ mod app;
 mod auth;
 mod cancellation;
 mod client;
+mod cluster;
 mod emulator;
 mod emulator_selftest;
 mod faults;
