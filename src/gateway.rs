@@ -73,7 +73,7 @@ impl Gateway {
             auth: Auth::new(&config.api_keys),
             settings: config.server.clone(),
             shutdown: Shutdown::default(),
-            resume: Resume::new(config.resume),
+            resume: Resume::new(config.resume, cluster.redis()),
             limiter: Limiter::new(&config.api_keys, &cluster),
             cluster,
             upstream_slots: Arc::new(Semaphore::new(config.server.max_concurrent_upstream)),

@@ -170,6 +170,11 @@ impl MemoryStore {
         }
     }
 
+    /// Whether the stream is held here.
+    pub fn holds(&self, stream: &StreamId) -> bool {
+        self.streams().by_id.contains_key(stream)
+    }
+
     /// What cancels the stream's generation.
     pub fn cancel_token(&self, stream: &StreamId) -> CancellationToken {
         self.streams()
@@ -260,9 +265,7 @@ impl Streams {
     fn find(&self, stream: &StreamId, owner: &str) -> Result<&Buffer> {
         let buffer = self.by_id.get(stream).ok_or_else(|| expired(stream))?;
         if buffer.owner != owner {
-            return Err(Error::UnknownStream(format!(
-                "stream `{stream}` was not started with this API key"
-            )));
+            return Err(not_yours(stream));
         }
         Ok(buffer)
     }
@@ -280,7 +283,13 @@ impl Buffer {
     }
 }
 
-fn expired(stream: &StreamId) -> Error {
+pub(super) fn not_yours(stream: &StreamId) -> Error {
+    Error::UnknownStream(format!(
+        "stream `{stream}` was not started with this API key"
+    ))
+}
+
+pub(super) fn expired(stream: &StreamId) -> Error {
     Error::ResumeExpired(format!(
         "stream `{stream}` is not held here: it ended or lost its clients more than `resume_window` ago (or never existed); start a new stream"
     ))

@@ -10,6 +10,7 @@
 //! here.
 
 mod memory;
+mod redis;
 
 use std::{fmt, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
@@ -18,8 +19,12 @@ use futures_util::{Stream, StreamExt, stream::BoxStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use self::memory::MemoryStore;
+use self::{
+    memory::MemoryStore,
+    redis::{Found, RedisLog, Writer},
+};
 use crate::{
+    cluster::Redis,
     config::ResumeSettings,
     error::{Error, Result},
     generation::Generation,
@@ -116,6 +121,8 @@ pub type Serialize = fn(Result<Chunk>) -> (Bytes, Bytes);
 pub struct Resume {
     settings: ResumeSettings,
     memory: Arc<MemoryStore>,
+    /// The copy other replicas read, with `[cluster] redis_url`.
+    shared: Option<RedisLog>,
 }
 
 /// A resume's answer.
@@ -128,12 +135,18 @@ pub enum Resumed {
 
 impl Resume {
     /// The store; with resumption on, a task frees expired streams every second.
-    pub fn new(settings: ResumeSettings) -> Resume {
+    pub fn new(settings: ResumeSettings, redis: Option<&Redis>) -> Resume {
         let memory = Arc::new(MemoryStore::new(settings));
         if settings.enabled() {
             memory::sweep_every_second(Arc::downgrade(&memory));
         }
-        Resume { settings, memory }
+        Resume {
+            settings,
+            memory,
+            shared: redis
+                .filter(|_| settings.enabled())
+                .map(|redis| RedisLog::new(redis.clone(), settings)),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -152,15 +165,17 @@ impl Resume {
             .memory
             .read(&stream, owner, 0)
             .expect("a stream just opened is there, with nothing dropped");
-        tokio::spawn(record(
-            self.memory.clone(),
-            stream.clone(),
-            generation,
-            serialize,
-            watching,
-            cancel.clone(),
-            self.settings.window,
-        ));
+        let recorder = Recorder {
+            memory: self.memory.clone(),
+            writer: self
+                .shared
+                .as_ref()
+                .map(|shared| shared.writer(&stream, owner)),
+            shared: self.shared.clone(),
+            stream: stream.clone(),
+            window: self.settings.window,
+        };
+        tokio::spawn(recorder.run(generation, serialize, watching, cancel.clone()));
         Listening {
             stream,
             events: first,
@@ -168,13 +183,27 @@ impl Resume {
         }
     }
 
-    /// The events of the stream `after` names, after it, for the API key `owner`.
-    pub fn resume(&self, owner: &str, after: &EventId) -> Result<Resumed> {
+    /// The events of the stream `after` names, after it, for the API key `owner`: from
+    /// this process when it holds the stream, else from Redis.
+    pub async fn resume(&self, owner: &str, after: &EventId) -> Result<Resumed> {
         if !self.enabled() {
             return Err(Error::ResumeExpired(format!(
                 "stream `{}` cannot be resumed: resumption is off on this gateway (resume_window = 0); start a new stream without Last-Event-ID",
                 after.stream
             )));
+        }
+        if let Some(shared) = &self.shared
+            && !self.memory.holds(&after.stream)
+        {
+            return Ok(match shared.read(&after.stream, owner, after.seq).await? {
+                Found::Events(events) => Resumed::Events(Listening {
+                    stream: after.stream.clone(),
+                    events,
+                    // The generation runs on another replica.
+                    cancel: CancellationToken::new(),
+                }),
+                Found::Finished => Resumed::Finished,
+            });
         }
         if self.memory.finished_at(&after.stream, owner, after.seq)? {
             return Ok(Resumed::Finished);
@@ -213,59 +242,91 @@ impl Stream for Listening {
     }
 }
 
-/// Appends the generation's events to the store until it ends, the client cancels it, or
-/// it has had no client for `window`.
-async fn record(
+/// Appends a generation's events to the store(s).
+struct Recorder {
     memory: Arc<MemoryStore>,
+    writer: Option<Writer>,
+    shared: Option<RedisLog>,
     stream: StreamId,
-    mut generation: Generation,
-    serialize: Serialize,
-    listeners: watch::Receiver<usize>,
-    cancel: CancellationToken,
     window: Duration,
-) {
-    let abandoned = abandoned(listeners, window);
-    tokio::pin!(abandoned);
-    let mut seq = 0;
-    loop {
-        tokio::select! {
-            biased;
-            item = generation.next() => match item {
-                Some(item) => {
-                    seq += 1;
-                    let (name, json) = serialize(item);
-                    memory.append(&stream, Event { seq, name, json });
-                }
-                None => {
-                    memory.end(&stream);
-                    return;
-                }
-            },
-            _ = cancel.cancelled() => {
-                generation.cancel();
-                memory.end(&stream);
-                return;
-            }
-            _ = &mut abandoned => {
-                tracing::info!(stream = %stream, ?window, "nobody came back for the stream: cancelling it");
-                drop(generation);
-                memory.remove(&stream);
-                return;
-            }
-        }
-    }
 }
 
-/// Resolves once nobody has listened for `window` in a row.
-async fn abandoned(mut listeners: watch::Receiver<usize>, window: Duration) {
-    loop {
-        if listeners.wait_for(|count| *count == 0).await.is_err() {
-            // The stream was removed from the store: nobody can come back.
-            return;
+impl Recorder {
+    /// Appends the generation's events until it ends, the client cancels it, or it has had
+    /// no client (here or on another replica) for `window`.
+    async fn run(
+        self,
+        mut generation: Generation,
+        serialize: Serialize,
+        listeners: watch::Receiver<usize>,
+        cancel: CancellationToken,
+    ) {
+        let abandoned = self.abandoned(listeners);
+        tokio::pin!(abandoned);
+        let mut seq = 0;
+        loop {
+            tokio::select! {
+                biased;
+                item = generation.next() => match item {
+                    Some(item) => {
+                        seq += 1;
+                        let (name, json) = serialize(item);
+                        let event = Event { seq, name, json };
+                        if let Some(writer) = &self.writer {
+                            writer.append(&event);
+                        }
+                        self.memory.append(&self.stream, event);
+                    }
+                    None => break,
+                },
+                _ = cancel.cancelled() => {
+                    generation.cancel();
+                    break;
+                }
+                _ = &mut abandoned => {
+                    tracing::info!(
+                        stream = %self.stream,
+                        window = ?self.window,
+                        "nobody came back for the stream: cancelling it"
+                    );
+                    drop(generation);
+                    if let Some(writer) = &self.writer {
+                        writer.end(seq, true);
+                    }
+                    self.memory.remove(&self.stream);
+                    return;
+                }
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(window) => return,
-            back = listeners.wait_for(|count| *count > 0) => if back.is_err() { return },
+        if let Some(writer) = &self.writer {
+            writer.end(seq, false);
+        }
+        self.memory.end(&self.stream);
+    }
+
+    /// Resolves once nobody has listened for `window` in a row.
+    async fn abandoned(&self, mut listeners: watch::Receiver<usize>) {
+        loop {
+            if listeners.wait_for(|count| *count == 0).await.is_err() {
+                // The stream was removed from the store: nobody can come back.
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.window) => {
+                    let elsewhere = match &self.shared {
+                        Some(shared) => shared.listened_elsewhere(&self.stream).await,
+                        None => false,
+                    };
+                    if !elsewhere {
+                        return;
+                    }
+                }
+                gone = async { listeners.wait_for(|count| *count > 0).await.is_err() } => {
+                    if gone {
+                        return;
+                    }
+                }
+            }
         }
     }
 }

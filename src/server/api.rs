@@ -196,7 +196,7 @@ async fn stream(
     let keep_alive = gateway.settings.sse_keep_alive;
     let client_gone = ClientGone::of(http);
     if let Some(last) = last_event_id(http)? {
-        return Ok(match gateway.resume.resume(caller.id(), &last)? {
+        return Ok(match gateway.resume.resume(caller.id(), &last).await? {
             Resumed::Events(listening) => EventStream::recorded(listening, client_gone, keep_alive),
             Resumed::Finished => EventStream::finished(keep_alive),
         });

@@ -19,6 +19,7 @@ mod limits;
 mod local;
 mod operations;
 mod resume;
+mod resume_cluster;
 mod schema;
 mod service;
 mod soak;

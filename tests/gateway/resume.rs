@@ -9,13 +9,13 @@ use futures_util::{SinkExt, Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::app::{App, LLAMA_ID, TestApp};
+use crate::app::{LLAMA_ID, TestApp};
 use crate::client::{Sse, connect_json, expect_error, next_json};
 use crate::emulator::{Scenario, StreamEnd};
 
-const KEY_A: &str = "mg-resume-team-a-0123456789";
+pub const KEY_A: &str = "mg-resume-team-a-0123456789";
 const KEY_B: &str = "mg-resume-team-b-0123456789";
-const STREAM: &str = "/stream?model=llama3&prompt=count";
+pub const STREAM: &str = "/stream?model=llama3&prompt=count";
 
 /// Twenty pieces, `pace` apart: `p1` … `p20`.
 pub fn counting(pace: Duration) -> Scenario {
@@ -109,7 +109,7 @@ pub fn assert_every_event_once_in_order(events: &[Numbered], stream_id: &str) {
     assert_eq!(ids, expected);
 }
 
-fn stream_id_of(response: &reqwest::Response) -> String {
+pub fn stream_id_of(response: &reqwest::Response) -> String {
     response.headers()["x-stream-id"]
         .to_str()
         .expect("an ASCII stream id")
@@ -255,10 +255,39 @@ async fn without_resume_window_events_are_numbered_but_last_event_id_starts_noth
     assert_eq!(app.emulator.requests().len(), 1, "no duplicate generation");
 }
 
-/// A JSON-mode socket with `key`.
-async fn connect_json_as(app: &App, key: &str) -> crate::client::Socket {
+/// Every event as a numbered WebSocket JSON frame of `stream_id`.
+pub fn every_frame(stream_id: &str) -> Vec<Value> {
+    every_event()
+        .into_iter()
+        .zip(1..)
+        .map(|((_, mut data), seq)| {
+            data["stream_id"] = json!(stream_id);
+            data["seq"] = json!(seq);
+            data
+        })
+        .collect()
+}
+
+/// A JSON-mode socket to the gateway (or balancer) at `url`, with `key`.
+pub async fn connect_json_as(url: &str, key: &str) -> crate::client::Socket {
+    connect_json_answered(url, key).await.0
+}
+
+/// [`connect_json_as`], with the handshake's answer.
+pub async fn connect_json_answered(
+    url: &str,
+    key: &str,
+) -> (
+    crate::client::Socket,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue};
-    let mut request = app.ws_url("model=llama3").into_client_request().unwrap();
+    let mut request = format!(
+        "{}/ws/model?model=llama3",
+        url.replacen("http://", "ws://", 1)
+    )
+    .into_client_request()
+    .unwrap();
     request.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_static("modelgate.v1"),
@@ -270,11 +299,10 @@ async fn connect_json_as(app: &App, key: &str) -> crate::client::Socket {
     tokio_tungstenite::connect_async(request)
         .await
         .expect("the handshake succeeds")
-        .0
 }
 
 /// Frames until the `done` one, `done` included.
-async fn frames_until_done(socket: &mut crate::client::Socket) -> Vec<Value> {
+pub async fn frames_until_done(socket: &mut crate::client::Socket) -> Vec<Value> {
     let mut frames = Vec::new();
     loop {
         let frame = next_json(socket).await;
@@ -292,7 +320,7 @@ async fn a_websocket_json_client_resumes_with_a_resume_frame_on_a_new_connection
         .scenario(LLAMA_ID, counting(Duration::from_millis(50)))
         .spawn()
         .await;
-    let mut socket = connect_json_as(&app, KEY_A).await;
+    let mut socket = connect_json_as(&app.url, KEY_A).await;
     socket
         .send(Message::text(json!({"prompt": "count"}).to_string()))
         .await
@@ -304,7 +332,7 @@ async fn a_websocket_json_client_resumes_with_a_resume_frame_on_a_new_connection
     drop(socket);
     let stream_id = seen[0]["stream_id"].as_str().unwrap().to_owned();
     let after = seen[4]["seq"].as_u64().unwrap();
-    let mut other = connect_json_as(&app, KEY_B).await;
+    let mut other = connect_json_as(&app.url, KEY_B).await;
     other
         .send(Message::text(
             json!({"type": "resume", "stream_id": stream_id, "after": after}).to_string(),
@@ -315,7 +343,7 @@ async fn a_websocket_json_client_resumes_with_a_resume_frame_on_a_new_connection
         next_json(&mut other).await["error"]["code"],
         "unknown_stream"
     );
-    let mut socket = connect_json_as(&app, KEY_A).await;
+    let mut socket = connect_json_as(&app.url, KEY_A).await;
     socket
         .send(Message::text(
             json!({"type": "resume", "stream_id": stream_id, "after": after}).to_string(),
@@ -323,16 +351,7 @@ async fn a_websocket_json_client_resumes_with_a_resume_frame_on_a_new_connection
         .await
         .unwrap();
     seen.extend(frames_until_done(&mut socket).await);
-    let expected: Vec<Value> = every_event()
-        .into_iter()
-        .zip(1..)
-        .map(|((_, mut data), seq)| {
-            data["stream_id"] = json!(stream_id);
-            data["seq"] = json!(seq);
-            data
-        })
-        .collect();
-    assert_eq!(seen, expected);
+    assert_eq!(seen, every_frame(&stream_id));
     assert_eq!(app.emulator.requests().len(), 1, "no second generation");
     // The connection serves the next prompt as usual.
     socket

@@ -361,7 +361,7 @@ impl Session {
         socket: &mut Socket,
         queue: &mut Queue,
     ) -> Result<(), Ending> {
-        match self.gateway.resume.resume(self.caller.id(), after) {
+        match self.gateway.resume.resume(self.caller.id(), after).await {
             Ok(Resumed::Events(listening)) => self.forward_recorded(listening, socket, queue).await,
             Ok(Resumed::Finished) => Ok(()),
             Err(err) => {
