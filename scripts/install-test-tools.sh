@@ -19,11 +19,12 @@ fi
 # Debian's Chromium and the pinned playwright-core (tests/browser/package-lock.json) for the
 # chat page's browser tests (tests/browser.rs). Browser downloads are not needed.
 # Debian's redis-server and haproxy for the multi-replica tests (tests/gateway/cluster*.rs),
-# which start their own on free ports.
+# which start their own on free ports (openssl makes the TLS test's certificates).
 missing=""
 command -v chromium >/dev/null || missing="$missing chromium"
 command -v redis-server >/dev/null || missing="$missing redis-server"
 command -v haproxy >/dev/null || missing="$missing haproxy"
+command -v openssl >/dev/null || missing="$missing openssl"
 if [ -n "$missing" ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

@@ -993,4 +993,47 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn cluster_reads_redis_url_and_on_redis_error_and_never_echoes_a_bad_url() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let config = Config::parse(model, "t").unwrap();
+        assert_eq!(config.cluster, ClusterSettings::default());
+        let config = Config::parse(
+            &format!("{model}[cluster]\nredis_url = \"rediss://:s3cret@redis.internal:6380/2\"\non_redis_error = \"deny\"\nredis_timeout = \"100ms\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.on_redis_error, OnRedisError::Deny);
+        assert_eq!(config.cluster.redis_timeout, Duration::from_millis(100));
+        assert_eq!(
+            config.cluster.redacted_url().unwrap(),
+            "rediss://:***@redis.internal:6380/2"
+        );
+        let err = error_of(&format!(
+            "{model}[cluster]\nredis_url = \"http://user:s3cret@redis\"\n"
+        ));
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("`redis_url`"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = error_of(&format!("{model}[cluster]\non_redis_error = \"maybe\"\n"));
+        assert!(err.message.contains("allow"), "{err}");
+    }
+
+    #[test]
+    fn the_redis_url_of_the_environment_beats_the_file() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n[cluster]\nredis_url = \"redis://file:6379\"\n";
+        let mut config = Config::parse(model, "t").unwrap();
+        config.set_redis_url("redis://env:6379").unwrap();
+        assert_eq!(
+            config.cluster.redis_url.as_deref(),
+            Some("redis://env:6379")
+        );
+        let err = config.set_redis_url("nonsense://x:p4ss@h").unwrap_err();
+        assert!(
+            err.to_string().starts_with("MODELGATE_REDIS_URL: "),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("p4ss"), "{err}");
+    }
 }

@@ -24,7 +24,7 @@ struct Cli {
     #[arg(long, env = "MODELGATE_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address to listen on; beats the config's `listen`. Default 127.0.0.1:8080.
-    #[arg(long, env = "MODELGATE_LISTEN")]
+    #[arg(long, env = "MODELGATE_LISTEN", global = true)]
     listen: Option<String>,
     /// Serve without API keys on a non-loopback address (anyone who reaches it can use it).
     #[arg(long)]
@@ -46,6 +46,9 @@ enum Command {
         /// A model name from the registry.
         model: Option<String>,
     },
+    /// Ask the gateway listening on --listen (on this host) for /healthz; exit 0 if it
+    /// answers 200. For container health checks: the runtime image has no curl.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,9 @@ fn main() -> ExitCode {
     if let Some(Command::Openapi) = cli.command {
         println!("{}", server::openapi_json());
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Healthcheck) = cli.command {
+        return healthcheck(cli.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
     }
     telemetry::init(cli.log_format);
     let config = Config::load(cli.config.as_deref()).and_then(|mut config| {
@@ -151,5 +157,50 @@ fn is_loopback(listen: &str) -> bool {
         Err(_) => listen
             .rsplit_once(':')
             .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
+}
+
+/// `GET /healthz` on the gateway at `listen` (an unspecified address means this host's
+/// loopback). A few lines of HTTP/1.1 rather than a client library in the image.
+fn healthcheck(listen: &str) -> ExitCode {
+    use std::{
+        io::{Read, Write},
+        net::{TcpStream, ToSocketAddrs},
+        time::Duration,
+    };
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut address = listen
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other("the address resolves to nothing"))?;
+        if address.ip().is_unspecified() {
+            address.set_ip(match address {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let mut stream = TcpStream::connect_timeout(&address, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        write!(
+            stream,
+            "GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let read = stream.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..read]).into_owned())
+    })();
+    match answer {
+        Ok(head) if head.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(head) => {
+            let status = head.lines().next().unwrap_or_default();
+            eprintln!("modelgate healthcheck: {listen} answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("modelgate healthcheck: {listen}: {err}");
+            ExitCode::FAILURE
+        }
     }
 }

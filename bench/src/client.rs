@@ -14,6 +14,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// The API key every request carries: a gateway without keys ignores it; the gateways of
+/// the limits section (`redis.rs`) know it.
+pub const AUTHORIZATION: &str = "Bearer mg-bench-key-0123456789abcdef";
+
 /// Where the same work is sent: through the gateway, or to the mock directly.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
@@ -64,6 +68,7 @@ impl Connection {
             .uri(path)
             .header("host", &self.host)
             .header("content-type", "application/json")
+            .header("authorization", AUTHORIZATION)
             .body(Full::new(body.clone()))?;
         self.sender.ready().await?;
         Ok(self.sender.send_request(request).await?)

@@ -13,6 +13,7 @@ mod invoke;
 mod mock;
 mod procs;
 mod profile;
+mod redis;
 mod report;
 mod resume;
 mod streams;
@@ -66,6 +67,8 @@ enum Section {
     /// The memory of 1,000 resumable streams' events held (`resume_window`).
     Resume,
     Profile,
+    /// Per-key limits in Redis (loopback) next to the same limits in process.
+    Redis,
 }
 
 /// Paced stream counts always measured; the most the machine holds is searched above them.
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             Section::Scale,
             Section::Invoke,
             Section::Resume,
+            Section::Redis,
             Section::Profile,
         ]
     } else {
@@ -152,6 +156,7 @@ impl Bench {
                     Section::Scale => self.scale(&mock).await?,
                     Section::Invoke => self.invoke(&mock).await?,
                     Section::Resume => self.resume(&mock).await?,
+                    Section::Redis => self.limits(&mock).await?,
                     Section::Profile => {}
                 }
             }
@@ -584,6 +589,76 @@ impl Bench {
             invoke::most(through, 64, warm_up, measure, || gateway.cpu_seconds()).await?;
         let direct_most = invoke::most(direct, 64, warm_up, measure, || 0.0).await?;
         report_most(report, &gateway_most, &direct_most);
+        Ok(())
+    }
+
+    /// The same requests with no key limits, limits in process and limits in Redis.
+    async fn limits(&mut self, mock: &Process) -> anyhow::Result<()> {
+        let installed = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !installed {
+            eprintln!("redis: skipped, redis-server is missing (apt-get install redis-server)");
+            return Ok(());
+        }
+        let redis = redis::start_redis()?;
+        let mut figures = Vec::with_capacity(redis::Keeper::ALL.len());
+        for keeper in redis::Keeper::ALL {
+            figures.push((
+                keeper,
+                redis::measure(&self.binary, mock, &redis, keeper).await?,
+            ));
+        }
+        let (_, none) = &figures[0];
+        let report = &mut self.report;
+        report.group(
+            "Per-key limits, Redis on loopback: each row against the same gateway with no key limits",
+        );
+        for (keeper, kept) in &figures[1..] {
+            let name = keeper.name();
+            for (what, through, without) in [
+                ("/invoke p50", &kept.invoke, &none.invoke),
+                ("/invoke p99", &kept.invoke, &none.invoke),
+                ("SSE first chunk p50", &kept.first_chunk, &none.first_chunk),
+            ] {
+                let percentile = if what.ends_with("p99") { 99.0 } else { 50.0 };
+                report.record(
+                    &format!("{what}, {name}"),
+                    "µs",
+                    micros(through, percentile),
+                    Some(micros(without, percentile)),
+                    Derived::Added,
+                    None,
+                );
+            }
+            report.record(
+                &format!("/invoke throughput (64 connections), {name}"),
+                "/s",
+                kept.most.per_second,
+                Some(none.most.per_second),
+                Derived::Ratio,
+                None,
+            );
+            report.record(
+                &format!("gateway CPU per /invoke, {name}"),
+                "µs",
+                kept.most.cpu_per_request * 1e6,
+                Some(none.most.cpu_per_request * 1e6),
+                Derived::Added,
+                None,
+            );
+        }
+        if let Some((_, in_redis)) = figures.last() {
+            report.record(
+                "redis-server CPU per /invoke, limits in Redis",
+                "µs",
+                in_redis.redis_cpu_per_request * 1e6,
+                None,
+                Derived::None,
+                None,
+            );
+        }
         Ok(())
     }
 

@@ -139,6 +139,17 @@ pub fn start_gateway(
     wrapper: Wrapper,
     settings: &str,
 ) -> anyhow::Result<Process> {
+    start_gateway_with_env(binary, mock, wrapper, settings, &[])
+}
+
+/// [`start_gateway`], with these `MODELGATE_…` variables in its environment.
+pub fn start_gateway_with_env(
+    binary: &Path,
+    mock: SocketAddr,
+    wrapper: Wrapper,
+    settings: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Process> {
     let dir = std::env::temp_dir().join(format!("modelgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("registry.toml");
@@ -174,6 +185,7 @@ pub fn start_gateway(
             "AWS_SHARED_CREDENTIALS_FILE",
             "/nonexistent/modelgate-bench",
         )
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -209,7 +221,7 @@ fn registry(mock: SocketAddr) -> String {
     text
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 

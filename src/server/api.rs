@@ -198,7 +198,7 @@ async fn stream(
     if let Some(last) = last_event_id(http)? {
         return Ok(match gateway.resume.resume(caller.id(), &last).await? {
             Resumed::Events(listening) => EventStream::recorded(listening, client_gone, keep_alive),
-            Resumed::Finished => EventStream::finished(keep_alive),
+            Resumed::Finished => EventStream::finished(),
         });
     }
     if !gateway.resume.enabled() {

@@ -90,10 +90,10 @@ impl EventStream {
     }
 
     /// A resume of a stream that ended, whose every event the client has.
-    pub fn finished(keep_alive: Duration) -> Self {
+    pub fn finished() -> Self {
         Self {
             events: None,
-            keep_alive,
+            keep_alive: Duration::ZERO,
         }
     }
 }

@@ -31,8 +31,24 @@ pub async fn wait_until<F: Future<Output = bool>>(
     within: Duration,
     mut condition: impl FnMut() -> F,
 ) {
+    wait_for(what, within, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+}
+
+/// Waits until `probe` gives something, polling every 50 ms; panics with `what` after `within`.
+pub async fn wait_for<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> F,
+) -> T {
     let deadline = Instant::now() + within;
-    while !condition().await {
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -48,29 +64,49 @@ async fn accepts_connections(port: u16) -> bool {
 pub struct RedisServer {
     port: u16,
     password: Option<String>,
+    /// Serves TLS only, with the certificate of [`RedisServer::CA`]'s authority.
+    tls: bool,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl RedisServer {
+    /// The file, in [`RedisServer::dir`], of the authority that signed a TLS server's certificate.
+    pub const CA: &str = "ca.pem";
+
     pub async fn start() -> RedisServer {
-        RedisServer::launch(None).await
+        RedisServer::launch(None, false).await
     }
 
     /// A server that requires `password` (`requirepass`).
     pub async fn with_password(password: &str) -> RedisServer {
-        RedisServer::launch(Some(password.to_owned())).await
+        RedisServer::launch(Some(password.to_owned()), false).await
     }
 
-    async fn launch(password: Option<String>) -> RedisServer {
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 signed by a new
+    /// authority ([`RedisServer::CA`]), and requires `password`.
+    pub async fn with_tls(password: &str) -> RedisServer {
+        RedisServer::launch(Some(password.to_owned()), true).await
+    }
+
+    async fn launch(password: Option<String>, tls: bool) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             password,
+            tls,
             dir: tempfile::tempdir().expect("a temporary directory"),
             child: None,
         };
+        if tls {
+            make_certificates(server.dir.path());
+        }
         server.run().await;
         server
+    }
+
+    /// The temporary directory the server works in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     async fn run(&mut self) {
@@ -86,6 +122,24 @@ impl RedisServer {
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
         }
+        if self.tls {
+            let port = self.port.to_string();
+            command.args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-auth-clients",
+                "no",
+            ]);
+            for (option, file) in [
+                ("--tls-cert-file", "server.pem"),
+                ("--tls-key-file", "server.key"),
+                ("--tls-ca-cert-file", RedisServer::CA),
+            ] {
+                command.arg(option).arg(self.dir.path().join(file));
+            }
+        }
         self.child = Some(
             command
                 .spawn()
@@ -98,11 +152,12 @@ impl RedisServer {
         .await;
     }
 
-    /// `redis://[:password@]127.0.0.1:PORT`
+    /// `redis://[:password@]127.0.0.1:PORT` (`rediss://` with TLS)
     pub fn url(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
         match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(password) => format!("{scheme}://:{password}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -121,11 +176,99 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        signal(self.child.as_ref().and_then(Child::id), libc::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.as_ref().and_then(Child::id), libc::SIGCONT);
+    }
+
     /// Starts it again, empty, on the same port.
     pub async fn restart(&mut self) {
         self.stop().await;
         self.run().await;
     }
+}
+
+/// A certificate authority (`ca.pem`) and a server certificate for 127.0.0.1 it signed
+/// (`server.pem`, `server.key`), made by `openssl` in `dir`.
+fn make_certificates(dir: &Path) {
+    std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [&[&str]; 3] = [
+        &[
+            &["req", "-x509"],
+            &key[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=modelgate test CA",
+            ],
+        ]
+        .concat(),
+        &[
+            &["req"],
+            &key[..],
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    ];
+    for args in steps {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (is it installed?)");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // redis-server may run as another user than the one that made the key.
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
 }
 
 /// Sends `signal` to a process the test started.
@@ -271,4 +414,33 @@ async fn a_redis_crash_and_restart_is_recovered_without_restarting_and_the_passw
     assert!(!logs.contains(PASSWORD), "{logs}");
     assert!(logs.contains(":***@127.0.0.1"), "the redacted URL: {logs}");
     assert!(logs.contains("REDIS UNREACHABLE"), "{logs}");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and haproxy: run scripts/install-test-tools.sh"]
+async fn a_rediss_url_with_a_password_reaches_redis_over_tls_trusting_the_systems_authorities() {
+    const PASSWORD: &str = "tls-redis-secret";
+    let redis = RedisServer::with_tls(PASSWORD).await;
+    // The system's trust store is where rustls-native-certs looks: here, our authority.
+    let ca = redis.dir().join(RedisServer::CA);
+    let app = TestApp::new()
+        .env("MODELGATE_REDIS_URL", &redis.url())
+        .env("SSL_CERT_FILE", ca.to_str().unwrap())
+        .spawn()
+        .await;
+    wait_for_redis(&app.url, "ok").await;
+    let untrusting = TestApp::new()
+        .env("MODELGATE_REDIS_URL", &redis.url())
+        .spawn()
+        .await;
+    wait_until("the first ping fails", START_TIMEOUT, || async {
+        untrusting.logs().contains("REDIS UNREACHABLE")
+    })
+    .await;
+    assert_eq!(
+        health(&untrusting.url).await.1["redis"],
+        "unreachable",
+        "a certificate no trusted authority signed is refused"
+    );
+    assert!(!app.logs().contains(PASSWORD) && !untrusting.logs().contains(PASSWORD));
 }

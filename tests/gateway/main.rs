@@ -6,6 +6,8 @@ mod auth;
 mod cancellation;
 mod client;
 mod cluster;
+mod cluster_limits;
+mod container;
 mod emulator;
 mod emulator_selftest;
 mod faults;
