@@ -145,6 +145,8 @@ impl MemoryStore {
     pub fn end(&self, stream: &StreamId) {
         let mut streams = self.streams();
         if let Some(buffer) = streams.by_id.get_mut(stream) {
+            // Held for the window as is: the queue's doubling room would be a third of it.
+            buffer.events.shrink_to_fit();
             buffer.ended = true;
             buffer.last.send_modify(|_| {});
             streams

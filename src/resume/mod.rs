@@ -14,7 +14,6 @@ mod redis;
 
 use std::{fmt, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
-use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream::BoxStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -31,8 +30,8 @@ use crate::{
     provider::Chunk,
 };
 
-/// What a stream's events are stored as, per event, besides their bytes: the struct, its
-/// place in the queue and in the map.
+/// What a held event costs besides its bytes: its slot in the queue (32 bytes), the heap's
+/// header and rounding of its allocation, and the reference count (bench/RESULTS.md).
 const EVENT_OVERHEAD: usize = 64;
 
 /// A stream's id: 128 random bits as 32 hex digits.
@@ -99,23 +98,44 @@ impl fmt::Display for EventId {
     }
 }
 
-/// One event of a stream, serialized: its name (`chunk`, `done`, ...) and its JSON.
+/// One event of a stream, serialized: its name (`chunk`, `done`, ...) and its JSON, in one
+/// shared allocation (a held event costs its bytes, a 32-byte slot and one heap header).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub seq: u64,
-    pub name: Bytes,
-    pub json: Bytes,
+    /// The name, then the JSON.
+    bytes: Arc<[u8]>,
+    name_len: u32,
 }
 
 impl Event {
+    pub fn new(seq: u64, name: &[u8], json: &[u8]) -> Event {
+        let mut bytes = Vec::with_capacity(name.len() + json.len());
+        bytes.extend_from_slice(name);
+        bytes.extend_from_slice(json);
+        Event {
+            seq,
+            bytes: bytes.into(),
+            name_len: u32::try_from(name.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    pub fn name(&self) -> &[u8] {
+        &self.bytes[..self.name_len as usize]
+    }
+
+    pub fn json(&self) -> &[u8] {
+        &self.bytes[self.name_len as usize..]
+    }
+
     /// What holding it costs, for the caps.
     fn size(&self) -> usize {
-        self.name.len() + self.json.len() + EVENT_OVERHEAD
+        self.bytes.len() + EVENT_OVERHEAD
     }
 }
 
-/// How an answer's items become events; the transports own the wire format.
-pub type Serialize = fn(Result<Chunk>) -> (Bytes, Bytes);
+/// How an answer's items become events (a name and JSON); the transports own the wire format.
+pub type Serialize = fn(Result<Chunk>) -> (&'static str, Vec<u8>);
 
 /// The events of resumable streams, and the recorders that fill them.
 pub struct Resume {
@@ -271,7 +291,7 @@ impl Recorder {
                     Some(item) => {
                         seq += 1;
                         let (name, json) = serialize(item);
-                        let event = Event { seq, name, json };
+                        let event = Event::new(seq, name.as_bytes(), &json);
                         if let Some(writer) = &self.writer {
                             writer.append(&event);
                         }

@@ -11,7 +11,6 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use tokio::sync::mpsc;
 
@@ -115,9 +114,9 @@ impl RedisLog {
                         .arg(max_len)
                         .arg(format!("0-{}", event.seq))
                         .arg(NAME)
-                        .arg(event.name.as_ref())
+                        .arg(event.name())
                         .arg(JSON)
-                        .arg(event.json.as_ref())
+                        .arg(event.json())
                         .ignore();
                     bytes += event.size();
                     sizes.push_back((event.seq, event.size()));
@@ -315,15 +314,11 @@ impl Entry {
         for pair in fields.chunks(2) {
             match pair {
                 [field, _] if field == END.as_bytes() => return Some(Entry::End(seq)),
-                [field, value] if field == NAME.as_bytes() => name = Some(value.clone()),
-                [field, value] if field == JSON.as_bytes() => json = Some(value.clone()),
+                [field, value] if field == NAME.as_bytes() => name = Some(value),
+                [field, value] if field == JSON.as_bytes() => json = Some(value),
                 _ => {}
             }
         }
-        Some(Entry::Event(Event {
-            seq,
-            name: Bytes::from(name?),
-            json: Bytes::from(json?),
-        }))
+        Some(Entry::Event(Event::new(seq, &name?, &json?)))
     }
 }

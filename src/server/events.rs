@@ -3,7 +3,6 @@
 
 use std::io::Write;
 
-use bytes::Bytes;
 use poem_openapi::{Object, Union, types::ToJSON};
 
 use crate::{
@@ -73,12 +72,11 @@ impl StreamEvent {
     }
 
     /// An answer's item as a stored event: its name and its JSON (see [`crate::resume`]).
-    pub fn serialize(item: crate::error::Result<Chunk>) -> (Bytes, Bytes) {
+    pub fn serialize(item: crate::error::Result<Chunk>) -> (&'static str, Vec<u8>) {
         let event = StreamEvent::from(item);
-        (
-            Bytes::from_static(event.name().as_bytes()),
-            Bytes::from(event.json()),
-        )
+        let mut json = Vec::with_capacity(event.len_hint());
+        event.write_json(&mut json);
+        (event.name(), json)
     }
 
     /// The event as one SSE message with its `id:`, as [`sse_message`] writes it.

@@ -78,7 +78,7 @@ impl EventStream {
                 Bytes::from(match event {
                     Ok(event) => {
                         id.seq = event.seq;
-                        sse_message(Some(&id), &event.name, &event.json)
+                        sse_message(Some(&id), event.name(), event.json())
                     }
                     Err(err) => StreamEvent::from(&err).sse(None),
                 })

@@ -521,7 +521,7 @@ impl Session {
 /// A stored event's JSON with the stream's id and the event's number added:
 /// `{..., "stream_id": "…", "seq": N}`.
 fn numbered_frame(listening: &Listening, event: &Event) -> String {
-    let json = String::from_utf8_lossy(&event.json);
+    let json = String::from_utf8_lossy(event.json());
     let fields = json.trim_end().strip_suffix('}').unwrap_or(&json);
     format!(
         r#"{fields},"stream_id":"{}","seq":{}}}"#,
