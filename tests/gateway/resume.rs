@@ -211,7 +211,7 @@ async fn only_the_key_that_started_a_stream_can_resume_it() {
 
 #[tokio::test]
 async fn events_dropped_to_stay_under_a_cap_answer_410_naming_the_cap() {
-    // About ten events fit.
+    // About six events fit.
     let app = resumable("resume_window = \"30s\"\nresume_max_bytes_per_stream = 1000")
         .scenario(LLAMA_ID, counting(Duration::from_millis(5)))
         .spawn()
