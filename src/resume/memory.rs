@@ -15,6 +15,7 @@ use super::{Event, StreamId};
 use crate::{
     config::ResumeSettings,
     error::{Error, Result},
+    telemetry,
 };
 
 /// How often expired streams are freed.
@@ -139,6 +140,7 @@ impl MemoryStore {
         buffer.events.push_back(event);
         buffer.last.send_replace(seq);
         streams.bytes = streams.bytes + size - freed;
+        streams.count_bytes();
     }
 
     /// The stream has no more events; it is held for `resume_window` from now.
@@ -261,7 +263,12 @@ impl Streams {
     fn remove(&mut self, stream: &StreamId) {
         if let Some(buffer) = self.by_id.remove(stream) {
             self.bytes -= buffer.bytes;
+            self.count_bytes();
         }
+    }
+
+    fn count_bytes(&self) {
+        metrics::gauge!(telemetry::RESUME_BYTES_HELD).set(self.bytes as f64);
     }
 
     fn find(&self, stream: &StreamId, owner: &str) -> Result<&Buffer> {

@@ -28,6 +28,7 @@ use crate::{
     error::{Error, Result},
     generation::Generation,
     provider::Chunk,
+    telemetry,
 };
 
 /// What a held event costs besides its bytes: its slot in the queue (32 bytes), the
@@ -207,6 +208,18 @@ impl Resume {
     /// The events of the stream `after` names, after it, for the API key `owner`: from
     /// this process when it holds the stream, else from Redis.
     pub async fn resume(&self, owner: &str, after: &EventId) -> Result<Resumed> {
+        let resumed = self.find(owner, after).await;
+        let outcome = match &resumed {
+            Ok(Resumed::Events(_)) => "resumed",
+            Ok(Resumed::Finished) => "finished",
+            Err(Error::ResumeExpired(_)) => "expired",
+            Err(_) => "refused",
+        };
+        metrics::counter!(telemetry::RESUMES, "outcome" => outcome).increment(1);
+        resumed
+    }
+
+    async fn find(&self, owner: &str, after: &EventId) -> Result<Resumed> {
         if !self.enabled() {
             return Err(Error::ResumeExpired(format!(
                 "stream `{}` cannot be resumed: resumption is off on this gateway (resume_window = 0); start a new stream without Last-Event-ID",

@@ -141,6 +141,19 @@ async fn a_dropped_sse_client_resumes_with_last_event_id_and_gets_every_event_on
         .wait_streams_ended(1, Duration::from_secs(5))
         .await;
     assert_eq!(ends, [StreamEnd::Completed]);
+    let metrics = get_as(&app.url, "/metrics", KEY_A, None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"modelgate_resumes_total{outcome="resumed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("modelgate_resume_bytes_held "),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
