@@ -18,6 +18,8 @@ use crate::{
     telemetry,
 };
 
+/// Streams dropped for the total cap that a resume is told about.
+const EVICTED_REMEMBERED: usize = 1024;
 /// How often expired streams are freed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -34,6 +36,9 @@ struct Streams {
     /// Ended streams, by when they expire (the window is the same for all, so this is also
     /// the order in which they ended).
     expiring: VecDeque<(Instant, StreamId)>,
+    /// The last streams dropped whole to stay under `resume_max_bytes_total`, so that a
+    /// resume of one is told why.
+    evicted: VecDeque<StreamId>,
 }
 
 /// One stream's events, oldest first.
@@ -115,6 +120,10 @@ impl MemoryStore {
                 break;
             };
             streams.remove(&oldest);
+            if streams.evicted.len() == EVICTED_REMEMBERED {
+                streams.evicted.pop_front();
+            }
+            streams.evicted.push_back(oldest);
         }
         let over_total = streams.bytes + size > settings.max_bytes_total;
         let Some(buffer) = streams.by_id.get_mut(stream) else {
@@ -272,7 +281,15 @@ impl Streams {
     }
 
     fn find(&self, stream: &StreamId, owner: &str) -> Result<&Buffer> {
-        let buffer = self.by_id.get(stream).ok_or_else(|| expired(stream))?;
+        let buffer = self.by_id.get(stream).ok_or_else(|| {
+            if self.evicted.contains(stream) {
+                Error::ResumeExpired(format!(
+                    "the events of stream `{stream}` were dropped to stay under `resume_max_bytes_total`; start a new stream"
+                ))
+            } else {
+                expired(stream)
+            }
+        })?;
         if buffer.owner != owner {
             return Err(not_yours(stream));
         }
@@ -316,4 +333,89 @@ pub fn sweep_every_second(store: Weak<MemoryStore>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    const OWNER: &str = "team-a";
+
+    /// A store whose events of 8 JSON bytes (and a 1-byte name) cost 121 bytes each.
+    fn store(per_stream_events: usize, total_events: usize) -> Arc<MemoryStore> {
+        Arc::new(MemoryStore::new(ResumeSettings {
+            window: Duration::from_secs(30),
+            max_bytes_per_stream: per_stream_events * event(1).size(),
+            max_bytes_total: total_events * event(1).size(),
+        }))
+    }
+
+    fn event(seq: u64) -> Event {
+        Event::new(seq, b"c", format!("{seq:08}").as_bytes())
+    }
+
+    fn open(store: &MemoryStore, events: u64) -> StreamId {
+        let stream = StreamId::new();
+        store.open(
+            &stream,
+            OWNER,
+            watch::Sender::new(0),
+            CancellationToken::new(),
+        );
+        for seq in 1..=events {
+            store.append(&stream, event(seq));
+        }
+        stream
+    }
+
+    async fn seqs(store: &Arc<MemoryStore>, stream: &StreamId, after: u64) -> Vec<u64> {
+        store
+            .read(stream, OWNER, after)
+            .unwrap()
+            .map(|event| event.unwrap().seq)
+            .collect()
+            .await
+    }
+
+    fn refusal(store: &Arc<MemoryStore>, stream: &StreamId, after: u64) -> String {
+        match store.read(stream, OWNER, after) {
+            Err(err) => format!("{} {err}", err.code()),
+            Ok(_) => panic!("the read was not refused"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_keeps_its_newest_events_under_its_cap() {
+        let store = store(3, 100);
+        let stream = open(&store, 5);
+        store.end(&stream);
+        assert_eq!(seqs(&store, &stream, 2).await, [3, 4, 5]);
+        let refused = refusal(&store, &stream, 1);
+        assert!(refused.starts_with("resume_expired"), "{refused}");
+        assert!(refused.contains("resume_max_bytes_per_stream"), "{refused}");
+        assert_eq!(
+            store.read(&stream, "team-b", 2).err().map(|err| err.code()),
+            Some("unknown_stream")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_total_cap_drops_ended_streams_first_then_the_oldest_events_of_the_writer() {
+        let store = store(4, 6);
+        let ended = open(&store, 3);
+        store.end(&ended);
+        let live = open(&store, 4);
+        let refused = refusal(&store, &ended, 0);
+        assert!(refused.contains("resume_max_bytes_total"), "{refused}");
+        // Nothing ended is left to drop: the stream being written loses its oldest events.
+        let other = open(&store, 3);
+        store.end(&live);
+        store.end(&other);
+        assert_eq!(seqs(&store, &live, 0).await, [1, 2, 3, 4]);
+        let refused = refusal(&store, &other, 0);
+        assert!(refused.contains("resume_max_bytes_total"), "{refused}");
+        assert_eq!(seqs(&store, &other, 1).await, [2, 3]);
+    }
 }
