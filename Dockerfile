@@ -3,7 +3,8 @@
 # Run:    docker run -p 8080:8080 -e MODELGATE_API_KEYS=team:SECRET modelgate
 # Several replicas, Redis and a load balancer: compose.yaml.
 
-FROM rust:1.89-bookworm AS build
+# The AWS SDK crates need Rust 1.94.1 or later.
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin modelgate \

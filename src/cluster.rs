@@ -5,11 +5,13 @@
 //!
 //! Other modules send their commands through [`Redis::run`], which bounds them by
 //! `redis_timeout` and reports faults once (a loud, rate-limited log line and a metric).
+//! While the watcher finds Redis down, commands fail at once instead of each waiting out
+//! `redis_timeout`; the watcher's next successful ping (within a second) ends that.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -47,12 +49,18 @@ pub struct Redis {
 
 /// Whether Redis answered lately, and when a fault was last logged.
 struct Faults {
-    reachable: AtomicBool,
+    /// [`UNKNOWN`] until the first ping, then [`UP`] or [`DOWN`] as the watcher found it
+    /// (a command that succeeds also says [`UP`]).
+    state: AtomicU8,
     started: Instant,
     /// Milliseconds after `started` of the last warning (0: none yet).
     last_warned_ms: AtomicU64,
     unreported: AtomicU64,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 /// What `/healthz` says of Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +109,7 @@ impl Cluster {
             connection,
             settings: Arc::new(settings.clone()),
             faults: Arc::new(Faults {
-                reachable: AtomicBool::new(false),
+                state: AtomicU8::new(UNKNOWN),
                 started: Instant::now(),
                 last_warned_ms: AtomicU64::new(0),
                 unreported: AtomicU64::new(0),
@@ -124,7 +132,7 @@ impl Cluster {
     /// Redis's state for `/healthz`; `None` without Redis.
     pub fn redis_state(&self) -> Option<RedisState> {
         self.redis.as_ref().map(|redis| {
-            if redis.faults.reachable.load(Ordering::Relaxed) {
+            if redis.faults.state.load(Ordering::Relaxed) == UP {
                 RedisState::Ok
             } else {
                 RedisState::Unreachable
@@ -156,18 +164,28 @@ impl Redis {
         operation: &'static str,
         command: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisFault> {
-        let fault = match tokio::time::timeout(self.settings.redis_timeout, command).await {
-            Ok(Ok(value)) => {
-                self.faults.reachable.store(true, Ordering::Relaxed);
-                return Ok(value);
+        let fault = if self.faults.state.load(Ordering::Relaxed) == DOWN {
+            RedisFault("Redis is unreachable (it failed its last ping)".into())
+        } else {
+            match tokio::time::timeout(self.settings.redis_timeout, command).await {
+                Ok(Ok(value)) => {
+                    self.faults.state.store(UP, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Ok(Err(err)) => {
+                    // A lost connection is news worth failing the next commands fast for;
+                    // a slow answer is not (the watcher decides).
+                    if err.is_io_error() || err.is_connection_dropped() {
+                        self.faults.state.store(DOWN, Ordering::Relaxed);
+                    }
+                    RedisFault(describe(&err))
+                }
+                Err(_) => RedisFault(format!(
+                    "no answer within redis_timeout ({:?})",
+                    self.settings.redis_timeout
+                )),
             }
-            Ok(Err(err)) => RedisFault(describe(&err)),
-            Err(_) => RedisFault(format!(
-                "no answer within redis_timeout ({:?})",
-                self.settings.redis_timeout
-            )),
         };
-        self.faults.reachable.store(false, Ordering::Relaxed);
         metrics::counter!(telemetry::REDIS_ERRORS, "operation" => operation).increment(1);
         self.warn(operation, &fault);
         Err(fault)
@@ -222,7 +240,8 @@ impl Redis {
             )
             .await;
             let reachable = matches!(ping, Ok(Ok(())));
-            self.faults.reachable.store(reachable, Ordering::Relaxed);
+            let state = if reachable { UP } else { DOWN };
+            self.faults.state.store(state, Ordering::Relaxed);
             if was_reachable != Some(reachable) {
                 match (reachable, &ping) {
                     (true, _) => tracing::info!("Redis is reachable"),

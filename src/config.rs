@@ -688,7 +688,7 @@ struct RawCluster {
     redis_url: Option<Spanned<String>>,
     on_redis_error: Option<OnRedisError>,
     redis_timeout: Option<Wait>,
-    lease_ttl: Option<Wait>,
+    lease_ttl: Option<Spanned<Wait>>,
     key_prefix: Option<String>,
 }
 
@@ -698,13 +698,23 @@ impl RawCluster {
         if let Some(url) = &self.redis_url {
             check_redis_url(url.get_ref()).map_err(|message| at(Some(url.span()), message))?;
         }
+        if let Some(ttl) = &self.lease_ttl
+            && ttl.get_ref().0 < Duration::from_secs(1)
+        {
+            return Err(at(
+                Some(ttl.span()),
+                "`lease_ttl` must be at least 1s (leases are renewed three times per TTL)".into(),
+            ));
+        }
         Ok(ClusterSettings {
             redis_url: self.redis_url.map(Spanned::into_inner),
             on_redis_error: self.on_redis_error.unwrap_or_default(),
             redis_timeout: self
                 .redis_timeout
                 .map_or(defaults.redis_timeout, |wait| wait.0),
-            lease_ttl: self.lease_ttl.map_or(defaults.lease_ttl, |wait| wait.0),
+            lease_ttl: self
+                .lease_ttl
+                .map_or(defaults.lease_ttl, |wait| wait.into_inner().0),
             key_prefix: self.key_prefix.unwrap_or(defaults.key_prefix),
         })
     }
@@ -1018,6 +1028,9 @@ mod tests {
         assert!(!err.to_string().contains("s3cret"), "{err}");
         let err = error_of(&format!("{model}[cluster]\non_redis_error = \"maybe\"\n"));
         assert!(err.message.contains("allow"), "{err}");
+        let err = error_of(&format!("{model}[cluster]\nlease_ttl = \"10ms\"\n"));
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("`lease_ttl`"), "{err}");
     }
 
     #[test]

@@ -68,13 +68,14 @@ impl Gateway {
     /// cannot use.
     pub async fn build(config: &Config) -> Result<Gateway, String> {
         let cluster = Cluster::start(&config.cluster)?;
+        let shutdown = Shutdown::default();
         Ok(Gateway {
             registry: Registry::build(config).await,
             auth: Auth::new(&config.api_keys),
             settings: config.server.clone(),
-            shutdown: Shutdown::default(),
             resume: Resume::new(config.resume, cluster.redis()),
-            limiter: Limiter::new(&config.api_keys, &cluster),
+            limiter: Limiter::new(&config.api_keys, &cluster, &shutdown.work),
+            shutdown,
             cluster,
             upstream_slots: Arc::new(Semaphore::new(config.server.max_concurrent_upstream)),
         })

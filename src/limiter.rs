@@ -24,6 +24,7 @@ use std::{
 };
 
 use redis::Script;
+use tokio_util::task::TaskTracker;
 
 use crate::{
     cluster::{Cluster, Redis},
@@ -64,14 +65,16 @@ enum Held {
         state: Arc<Mutex<KeyState>>,
         lease: bool,
     },
-    Redis(RedisHold),
+    Redis(Box<RedisHold>),
 }
 
 impl Limiter {
-    pub fn new(keys: &[ApiKeySpec], cluster: &Cluster) -> Limiter {
+    /// `work`: where releases and settlements run, so that a graceful shutdown waits for them.
+    pub fn new(keys: &[ApiKeySpec], cluster: &Cluster, work: &TaskTracker) -> Limiter {
         match cluster.redis() {
             Some(redis) => Limiter::Redis(Shared {
                 redis: redis.clone(),
+                work: work.clone(),
             }),
             None => Limiter::InProcess(InProcess::new(keys)),
         }
@@ -392,9 +395,14 @@ impl Gcra {
         let tat = self.tat.map_or(now, |tat| tat.max(now));
         let moved = cells * interval;
         self.tat = Some(if moved >= 0.0 {
-            tat + Duration::from_secs_f64(moved)
+            Duration::try_from_secs_f64(moved)
+                .ok()
+                .and_then(|moved| tat.checked_add(moved))
+                .unwrap_or(tat)
         } else {
-            tat.checked_sub(Duration::from_secs_f64(-moved))
+            Duration::try_from_secs_f64(-moved)
+                .ok()
+                .and_then(|moved| tat.checked_sub(moved))
                 .unwrap_or(now)
         });
     }
@@ -429,6 +437,7 @@ impl Budget {
 /// replicas' clocks need not agree.
 pub struct Shared {
     redis: Redis,
+    work: TaskTracker,
 }
 
 /// The Redis keys of one API key's limits.
@@ -443,6 +452,7 @@ struct KeyNames {
 
 struct RedisHold {
     redis: Redis,
+    work: TaskTracker,
     names: KeyNames,
     limits: KeyLimits,
     /// Empty without `concurrent_streams`.
@@ -625,13 +635,14 @@ impl Shared {
         Ok(Admission {
             reserved: reserve,
             used: AtomicU64::new(0),
-            held: Held::Redis(RedisHold {
+            held: Held::Redis(Box::new(RedisHold {
                 redis: self.redis.clone(),
+                work: self.work.clone(),
                 names,
                 limits,
                 lease,
                 renewal,
-            }),
+            })),
         })
     }
 }
@@ -657,7 +668,8 @@ async fn renew(redis: Redis, leases: String, lease: String) {
 }
 
 impl RedisHold {
-    /// Stops the renewal, then releases the lease and settles, off the request's path.
+    /// Stops the renewal, then releases the lease and settles, off the request's path (but
+    /// tracked: a graceful shutdown releases its leases instead of leaving them to expire).
     fn finish(&mut self, reserved: u64, used: u64) {
         if let Some(renewal) = self.renewal.take() {
             renewal.abort();
@@ -673,7 +685,7 @@ impl RedisHold {
         let names = self.names.clone();
         let lease = std::mem::take(&mut self.lease);
         let limits = self.limits;
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             let mut connection = redis.connection();
             let mut invocation = scripts().2.prepare_invoke();
             invocation

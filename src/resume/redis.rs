@@ -319,6 +319,6 @@ impl Entry {
                 _ => {}
             }
         }
-        Some(Entry::Event(Event::new(seq, &name?, &json?)))
+        Some(Entry::Event(Event::new(seq, name?, json?)))
     }
 }

@@ -219,6 +219,31 @@ async fn the_leases_of_a_killed_replica_expire_within_the_ttl_and_live_ones_are_
 
 #[tokio::test]
 #[ignore = "needs redis-server and haproxy: run scripts/install-test-tools.sh"]
+async fn a_replica_stopped_gracefully_releases_its_leases_at_once() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let mut apps = replicas(2, || {
+        TestApp::new()
+            .settings("shutdown_grace = \"1s\"")
+            .api_key("team-a", KEY, "concurrent_streams = 1")
+            .redis(&url)
+            .cluster("lease_ttl = \"5m\"")
+            .scenario(LLAMA_ID, Scenario::reply(["t"; 20]))
+    })
+    .await;
+    for app in &apps {
+        wait_for_redis(&app.url, "ok").await;
+    }
+    let _held = hold_a_stream(&apps[0], 16).await;
+    expect_error(invoke(&apps[1].url, KEY, 16).await, 429, "rate_limited").await;
+    apps[0].terminate();
+    apps[0].exit_code(Duration::from_secs(10)).await;
+    // The stream ended at the grace period; its lease went with it, not 5 minutes later.
+    assert_eq!(invoke(&apps[1].url, KEY, 16).await.status(), 200);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and haproxy: run scripts/install-test-tools.sh"]
 async fn with_redis_down_and_on_redis_error_allow_requests_are_served_logged_and_counted_then_limits_return()
  {
     let mut redis = RedisServer::start().await;
@@ -249,6 +274,9 @@ async fn with_redis_down_and_on_redis_error_allow_requests_are_served_logged_and
     }
     // A Redis that does not answer at all costs a request no more than `redis_timeout`.
     redis.restart().await;
+    for app in &apps {
+        wait_for_redis(&app.url, "ok").await;
+    }
     redis.pause();
     let started = Instant::now();
     assert_eq!(invoke(&apps[1].url, BUSY_KEY, 16).await.status(), 200);

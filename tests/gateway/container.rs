@@ -227,11 +227,11 @@ async fn the_image_starts_as_its_dockerfile_says_as_a_non_root_user_with_its_vol
 
 #[tokio::test]
 #[ignore = "needs redis-server and haproxy: run scripts/install-test-tools.sh"]
-async fn the_compose_stacks_haproxy_configuration_is_valid() {
+async fn the_compose_stack_balances_its_own_replicas_and_mounts_the_images_volumes() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let haproxy_cfg = format!("{root}/deploy/haproxy.cfg");
     let output = tokio::process::Command::new("haproxy")
-        .arg("-c")
-        .arg("-f")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg"))
+        .args(["-c", "-f", &haproxy_cfg])
         .output()
         .await
         .expect("haproxy runs");
@@ -240,4 +240,37 @@ async fn the_compose_stacks_haproxy_configuration_is_valid() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let compose = std::fs::read_to_string(format!("{root}/compose.yaml")).unwrap();
+    let servers: Vec<String> = std::fs::read_to_string(&haproxy_cfg)
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("server "))
+        .map(|server| server.split_whitespace().nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(servers.len(), 2, "two replicas: {servers:?}");
+    for server in &servers {
+        let (service, port) = server.split_once(':').unwrap();
+        assert!(
+            compose.contains(&format!("\n  {service}: ")),
+            "service {service}"
+        );
+        assert_eq!(port, "8080", "the image's port");
+    }
+    let stage = runtime_stage();
+    let config = stage
+        .env
+        .iter()
+        .find(|(name, _)| name == "MODELGATE_CONFIG")
+        .map(|(_, path)| path.as_str())
+        .unwrap();
+    assert!(
+        compose.contains(&format!(":{config}:ro")),
+        "the config is mounted where the image reads it"
+    );
+    for volume in &stage.volumes {
+        assert!(
+            compose.contains(&format!(":{volume}")),
+            "{volume} is mounted"
+        );
+    }
 }
