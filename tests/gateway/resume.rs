@@ -208,6 +208,33 @@ async fn a_stream_without_a_client_goes_on_for_the_window_then_is_cancelled_and_
 }
 
 #[tokio::test]
+async fn a_post_stream_resumes_with_the_same_body_and_last_event_id() {
+    let app = resumable(r#"resume_window = "30s""#)
+        .scenario(LLAMA_ID, counting(Duration::from_millis(20)))
+        .spawn()
+        .await;
+    let post = |last: Option<String>| {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}/stream", app.url))
+            .bearer_auth(KEY_A)
+            .json(&json!({"model": "llama3", "messages": [{"role": "user", "content": "count"}]}));
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.send()
+    };
+    let response = post(None).await.unwrap();
+    let stream_id = stream_id_of(&response);
+    let mut events = numbered_events(response);
+    let mut seen = read(&mut events, Some(8)).await;
+    drop(events);
+    let resumed = post(Some(seen[7].id.clone())).await.unwrap();
+    seen.extend(read(&mut numbered_events(resumed), None).await);
+    assert_every_event_once_in_order(&seen, &stream_id);
+    assert_eq!(app.emulator.requests().len(), 1, "no second generation");
+}
+
+#[tokio::test]
 async fn only_the_key_that_started_a_stream_can_resume_it() {
     let app = resumable(r#"resume_window = "30s""#)
         .scenario(LLAMA_ID, counting(Duration::from_millis(1)))
