@@ -86,26 +86,28 @@ impl MemoryStore {
         self.streams.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Holds a new stream of `owner`'s and returns its events as its first client reads
+    /// them.
     pub fn open(
-        &self,
+        self: &Arc<Self>,
         stream: &StreamId,
         owner: &str,
         listeners: watch::Sender<usize>,
         cancel: CancellationToken,
-    ) {
-        self.streams().by_id.insert(
-            stream.clone(),
-            Buffer {
-                owner: owner.to_owned(),
-                events: VecDeque::new(),
-                bytes: 0,
-                dropped: None,
-                last: watch::Sender::new(0),
-                ended: false,
-                listeners: Arc::new(listeners),
-                cancel,
-            },
-        );
+    ) -> BoxStream<'static, Result<Event>> {
+        let buffer = Buffer {
+            owner: owner.to_owned(),
+            events: VecDeque::new(),
+            bytes: 0,
+            dropped: None,
+            last: watch::Sender::new(0),
+            ended: false,
+            listeners: Arc::new(listeners),
+            cancel,
+        };
+        let first = self.reader(&buffer, stream, 0);
+        self.streams().by_id.insert(stream.clone(), buffer);
+        first
     }
 
     /// Appends `event`, dropping the stream's oldest events beyond its cap, and beyond the
@@ -212,23 +214,29 @@ impl MemoryStore {
         owner: &str,
         after: u64,
     ) -> Result<BoxStream<'static, Result<Event>>> {
-        let (mut appended, listener) = {
-            let streams = self.streams();
-            let buffer = streams.find(stream, owner)?;
-            buffer.check_held(stream, after)?;
-            if after > *buffer.last.borrow() && buffer.ended {
-                return Err(Error::InvalidRequest(format!(
-                    "stream `{stream}` has no event {after}"
-                )));
-            }
-            (
-                buffer.last.subscribe(),
-                ListenerGuard::new(buffer.listeners.clone()),
-            )
-        };
+        let streams = self.streams();
+        let buffer = streams.find(stream, owner)?;
+        buffer.check_held(stream, after)?;
+        if after > *buffer.last.borrow() && buffer.ended {
+            return Err(Error::InvalidRequest(format!(
+                "stream `{stream}` has no event {after}"
+            )));
+        }
+        Ok(self.reader(buffer, stream, after))
+    }
+
+    /// A client of `buffer` (the buffer of `stream`) from the event after `after` on.
+    fn reader(
+        self: &Arc<Self>,
+        buffer: &Buffer,
+        stream: &StreamId,
+        after: u64,
+    ) -> BoxStream<'static, Result<Event>> {
+        let mut appended = buffer.last.subscribe();
+        let listener = ListenerGuard::new(buffer.listeners.clone());
         let store = self.clone();
         let stream = stream.clone();
-        Ok(Box::pin(async_stream::stream! {
+        Box::pin(async_stream::stream! {
             let _listener = listener;
             let mut next = after + 1;
             loop {
@@ -264,7 +272,7 @@ impl MemoryStore {
                     }
                 }
             }
-        }))
+        })
     }
 }
 
@@ -356,14 +364,14 @@ mod tests {
         Event::new(seq, b"c", format!("{seq:08}").as_bytes())
     }
 
-    fn open(store: &MemoryStore, events: u64) -> StreamId {
+    fn open(store: &Arc<MemoryStore>, events: u64) -> StreamId {
         let stream = StreamId::new();
-        store.open(
+        drop(store.open(
             &stream,
             OWNER,
             watch::Sender::new(0),
             CancellationToken::new(),
-        );
+        ));
         for seq in 1..=events {
             store.append(&stream, event(seq));
         }

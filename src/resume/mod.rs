@@ -182,11 +182,7 @@ impl Resume {
         let stream = StreamId::new();
         let (listeners, watching) = watch::channel(0usize);
         let cancel = CancellationToken::new();
-        self.memory.open(&stream, owner, listeners, cancel.clone());
-        let first = self
-            .memory
-            .read(&stream, owner, 0)
-            .expect("a stream just opened is there, with nothing dropped");
+        let first = self.memory.open(&stream, owner, listeners, cancel.clone());
         let recorder = Recorder {
             memory: self.memory.clone(),
             writer: self
