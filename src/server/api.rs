@@ -194,10 +194,13 @@ async fn stream(
     note_model(state, http, &request);
     let gateway = &state.gateway;
     let keep_alive = gateway.settings.sse_keep_alive;
+    let slow_client_timeout = gateway.settings.slow_client_timeout;
     let client_gone = ClientGone::of(http);
     if let Some(last) = last_event_id(http)? {
         return Ok(match gateway.resume.resume(caller.id(), &last).await? {
-            Resumed::Events(listening) => EventStream::recorded(listening, client_gone, keep_alive),
+            Resumed::Events(listening) => {
+                EventStream::recorded(listening, client_gone, keep_alive, slow_client_timeout)
+            }
             Resumed::Finished => EventStream::finished(),
         });
     }
@@ -218,7 +221,12 @@ async fn stream(
     let listening = gateway
         .resume
         .record(caller.id(), generation, StreamEvent::serialize);
-    Ok(EventStream::recorded(listening, client_gone, keep_alive))
+    Ok(EventStream::recorded(
+        listening,
+        client_gone,
+        keep_alive,
+        slow_client_timeout,
+    ))
 }
 
 /// The event a reconnecting client had last, from `Last-Event-ID`; an empty one is none.

@@ -21,10 +21,15 @@ use poem_openapi::{
     },
     types::Type,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{StreamEvent, sse_message};
 use crate::resume::{EventId, Listening, StreamId};
+
+/// SSE messages of a resumable stream waiting for a client that reads slower than they come.
+const BUFFERED_MESSAGES: usize = 32;
 
 /// The response header that names the stream.
 pub const STREAM_ID_HEADER: &str = "x-stream-id";
@@ -59,32 +64,26 @@ impl EventStream {
         }
     }
 
-    /// The events of a resumable stream as they are read from its store, until
-    /// `client_gone` (so that the stream counts as without a client at once). A failure to
-    /// read (events dropped under a slow reader) is one `error` event without an id.
+    /// The events of a resumable stream as they are read from its store. A task moves
+    /// them to the response and stops, leaving the stream without this client, when the
+    /// client leaves (`client_gone`) or reads nothing for `slow_client_timeout`. A failure
+    /// to read (events dropped under a slow reader) is one `error` event without an id.
     pub fn recorded(
         listening: Listening,
         client_gone: CancellationToken,
         keep_alive: Duration,
+        slow_client_timeout: Duration,
     ) -> Self {
         let stream = listening.stream.clone();
-        let mut id = EventId {
-            stream: stream.clone(),
-            seq: 0,
-        };
-        let messages = listening
-            .take_until(client_gone.cancelled_owned())
-            .map(move |event| {
-                Bytes::from(match event {
-                    Ok(event) => {
-                        id.seq = event.seq;
-                        sse_message(Some(&id), event.name(), event.json())
-                    }
-                    Err(err) => StreamEvent::from(&err).sse(None),
-                })
-            });
+        let (messages, response) = mpsc::channel(BUFFERED_MESSAGES);
+        tokio::spawn(forward(
+            listening,
+            client_gone,
+            slow_client_timeout,
+            messages,
+        ));
         Self {
-            events: Some((stream, messages.boxed())),
+            events: Some((stream, ReceiverStream::new(response).boxed())),
             keep_alive,
         }
     }
@@ -94,6 +93,39 @@ impl EventStream {
         Self {
             events: None,
             keep_alive: Duration::ZERO,
+        }
+    }
+}
+
+/// Moves a recorded stream's events, as SSE messages, to the response of one client.
+async fn forward(
+    listening: Listening,
+    client_gone: CancellationToken,
+    slow_client_timeout: Duration,
+    messages: mpsc::Sender<Bytes>,
+) {
+    let mut id = EventId {
+        stream: listening.stream.clone(),
+        seq: 0,
+    };
+    let events = listening.take_until(client_gone.cancelled_owned());
+    tokio::pin!(events);
+    loop {
+        let event = tokio::select! {
+            _ = messages.closed() => return,
+            event = events.next() => event,
+        };
+        let message = match event {
+            None => return,
+            Some(Ok(event)) => {
+                id.seq = event.seq;
+                sse_message(Some(&id), event.name(), event.json())
+            }
+            Some(Err(err)) => StreamEvent::from(&err).sse(None),
+        };
+        match tokio::time::timeout(slow_client_timeout, messages.send(Bytes::from(message))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
     }
 }

@@ -235,6 +235,31 @@ async fn a_post_stream_resumes_with_the_same_body_and_last_event_id() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_leaves_the_stream_which_is_then_cancelled_after_the_window() {
+    let app = resumable("resume_window = \"1s\"\nslow_client_timeout = \"500ms\"")
+        .spawn()
+        .await;
+    // 600 pieces of 32 KiB over 12 s: the socket buffers and the queue fill within a few
+    // seconds for a client that reads nothing.
+    let big = "y".repeat(32 * 1024);
+    app.emulator.script(
+        LLAMA_ID,
+        Scenario::reply(vec![big; 600]).paced(Duration::from_millis(20)),
+    );
+    let stalled = get_as(&app.url, STREAM, KEY_A, None).await;
+    assert_eq!(stalled.status(), 200);
+    let ends = app
+        .emulator
+        .wait_streams_ended(1, Duration::from_secs(10))
+        .await;
+    assert!(
+        matches!(ends[0], StreamEnd::ClientClosed { .. }),
+        "the stalled client's stream was cancelled before the model finished: {ends:?}"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn only_the_key_that_started_a_stream_can_resume_it() {
     let app = resumable(r#"resume_window = "30s""#)
         .scenario(LLAMA_ID, counting(Duration::from_millis(1)))
