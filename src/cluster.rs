@@ -50,7 +50,7 @@ pub struct Redis {
 /// Whether Redis answered lately, and when a fault was last logged.
 struct Faults {
     /// [`UNKNOWN`] until the first ping, then [`UP`] or [`DOWN`] as the watcher found it
-    /// (a command that succeeds also says [`UP`]).
+    /// (a command that succeeds also says [`UP`], one that lost its connection [`DOWN`]).
     state: AtomicU8,
     started: Instant,
     /// Milliseconds after `started` of the last warning (0: none yet).
@@ -157,8 +157,9 @@ impl Redis {
         format!("{}:{{{owner}}}:{what}", self.settings.key_prefix)
     }
 
-    /// Runs `command` within `redis_timeout`. A failure is logged (at most once per ten
-    /// seconds), counted in `modelgate_redis_errors_total{operation}` and returned.
+    /// Runs `command` within `redis_timeout`, or fails at once while Redis is known to be
+    /// down. A failure is logged (at most once per ten seconds), counted in
+    /// `modelgate_redis_errors_total{operation}` and returned.
     pub async fn run<T>(
         &self,
         operation: &'static str,
