@@ -48,8 +48,33 @@ pub struct Config {
     /// The limits of keys that name none of their own (all of `MODELGATE_API_KEYS`).
     pub api_key_limits: KeyLimits,
     pub models: Vec<ModelSpec>,
+    pub resume: ResumeSettings,
     /// `[cluster]`: the Redis that replicas share their keys' limits through.
     pub cluster: ClusterSettings,
+}
+
+/// Resumable streams: how long a stream without a client goes on, and the bytes of events
+/// held for clients that come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeSettings {
+    /// How long a stream goes on with no client, and how long its events are held after it
+    /// ended; zero turns resumption off (a client leaving stops the upstream at once).
+    pub window: Duration,
+    /// Bytes of events held per stream; the oldest are dropped beyond it.
+    pub max_bytes_per_stream: usize,
+    /// Bytes of events held for all streams of this process together.
+    pub max_bytes_total: usize,
+}
+
+impl ResumeSettings {
+    /// A long answer (4,096 tokens, one event each) takes about 400 KB.
+    const MAX_BYTES_PER_STREAM: usize = 1024 * 1024;
+    /// A thousand long answers.
+    const MAX_BYTES_TOTAL: usize = 512 * 1024 * 1024;
+
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero()
+    }
 }
 
 /// Settings of the server as a whole.
@@ -187,6 +212,10 @@ struct RawConfig {
     header_read_timeout: Option<Spanned<Wait>>,
     keep_alive_timeout: Option<Spanned<Wait>>,
     http2_max_concurrent_streams: Option<NonZeroU32>,
+    // Resumable streams: see `ResumeSettings`.
+    resume_window: Option<Spanned<WindowSetting>>,
+    resume_max_bytes_per_stream: Option<Spanned<NonZeroUsize>>,
+    resume_max_bytes_total: Option<NonZeroUsize>,
     /// Defaults for every model's `upstream` table.
     #[serde(default)]
     upstream: RawUpstream,
@@ -290,6 +319,62 @@ impl<'de> Deserialize<'de> for Wait {
             ))),
         }
     }
+}
+
+/// A duration that may be zero: `"30s"`, `"0"` or `0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WindowSetting(Duration);
+
+impl<'de> Deserialize<'de> for WindowSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Seconds(u64),
+            Text(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Seconds(0) => Ok(WindowSetting(Duration::ZERO)),
+            Written::Seconds(_) => Err(serde::de::Error::custom(
+                "write the duration with its unit, e.g. \"30s\" (or 0 for off)",
+            )),
+            Written::Text(text) => humantime::parse_duration(&text).map(WindowSetting).map_err(
+                |err| {
+                    serde::de::Error::custom(format!(
+                        "`{text}` is not a duration ({err}); write e.g. \"30s\", or \"0\" for off"
+                    ))
+                },
+            ),
+        }
+    }
+}
+
+/// The resumption settings, defaults applied; a stream's cap cannot exceed the total.
+fn resume_settings(
+    window: Option<Spanned<WindowSetting>>,
+    max_bytes_per_stream: Option<Spanned<NonZeroUsize>>,
+    max_bytes_total: Option<NonZeroUsize>,
+    at: &At,
+) -> Result<ResumeSettings, ConfigError> {
+    let settings = ResumeSettings {
+        window: window.map_or(Duration::ZERO, |window| window.into_inner().0),
+        max_bytes_per_stream: max_bytes_per_stream
+            .as_ref()
+            .map_or(ResumeSettings::MAX_BYTES_PER_STREAM, |max| {
+                max.get_ref().get()
+            }),
+        max_bytes_total: max_bytes_total.map_or(ResumeSettings::MAX_BYTES_TOTAL, NonZeroUsize::get),
+    };
+    if settings.max_bytes_per_stream > settings.max_bytes_total {
+        return Err(at(
+            max_bytes_per_stream.map(|max| max.span()),
+            format!(
+                "`resume_max_bytes_per_stream` ({}) must not exceed `resume_max_bytes_total` ({})",
+                settings.max_bytes_per_stream, settings.max_bytes_total
+            ),
+        ));
+    }
+    Ok(settings)
 }
 
 impl Config {
@@ -477,6 +562,12 @@ impl Config {
             raw.ws_idle_timeout,
             &at,
         )?;
+        let resume = resume_settings(
+            raw.resume_window,
+            raw.resume_max_bytes_per_stream,
+            raw.resume_max_bytes_total,
+            &at,
+        )?;
         Ok(Config {
             source: source.to_owned(),
             listen: raw.listen,
@@ -507,6 +598,7 @@ impl Config {
             api_keys,
             api_key_limits: RawKeyLimits::default().or(raw.api_key_limits),
             models,
+            resume,
             cluster: raw.cluster.settings(&at)?,
         })
     }
@@ -830,6 +922,28 @@ mod tests {
         .unwrap();
         assert_eq!(config.public_origins, ["https://gw.example.com"]);
         assert_eq!(config.server.body_read_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn resume_window_is_off_by_default_and_its_caps_are_checked() {
+        let model = "[[models]]\nname = \"a\"\nprovider = \"bedrock\"\nmodel_id = \"meta.llama3-8b-instruct-v1:0\"\n";
+        let resume = |extra: &str| Config::parse(&format!("{extra}{model}"), "t").map(|c| c.resume);
+        assert!(!resume("").unwrap().enabled());
+        assert!(!resume("resume_window = 0\n").unwrap().enabled());
+        assert!(!resume("resume_window = \"0s\"\n").unwrap().enabled());
+        assert_eq!(
+            resume("resume_window = \"30s\"\n").unwrap().window,
+            Duration::from_secs(30)
+        );
+        let err = resume("resume_window = \"soon\"\n").unwrap_err();
+        assert!(err.message.starts_with("`resume_window`: "), "{err}");
+        let err = resume("resume_max_bytes_total = 1000\nresume_max_bytes_per_stream = 2000\n")
+            .unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(
+            err.message.contains("`resume_max_bytes_per_stream`"),
+            "{err}"
+        );
     }
 
     #[test]

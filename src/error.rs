@@ -83,6 +83,13 @@ pub enum Error {
     /// A local model is still being fetched or loaded.
     #[error("{0}")]
     ModelLoading(String),
+    /// A resume (`Last-Event-ID`, a WebSocket `resume`) asks for events the gateway no
+    /// longer holds; the message says why (window over, a cap, resumption off).
+    #[error("{0}")]
+    ResumeExpired(String),
+    /// A resume names a stream that another API key started.
+    #[error("{0}")]
+    UnknownStream(String),
     /// Every client connection the gateway holds is busy; only `/healthz` is answered.
     #[error("the gateway is at its limit of {0} client connections, all busy; retry shortly")]
     Overloaded(usize),
@@ -209,6 +216,16 @@ impl Error {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "model_loading",
                 "a local model is still being fetched or loaded",
+            ),
+            Error::ResumeExpired(_) => map(
+                StatusCode::GONE,
+                "resume_expired",
+                "the events after the resumed one are no longer held (`resume_window` over, a cap, or resumption off): start a new stream",
+            ),
+            Error::UnknownStream(_) => map(
+                StatusCode::NOT_FOUND,
+                "unknown_stream",
+                "no stream of that id was started with this API key",
             ),
             Error::Overloaded(_) => map(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -21,6 +21,7 @@ use crate::{
     provider::UsageMeter,
     registry::{Model, Registry},
     request::GenerateRequest,
+    resume::Resume,
     telemetry,
 };
 
@@ -29,6 +30,8 @@ pub struct Gateway {
     pub auth: Auth,
     pub settings: ServerSettings,
     pub shutdown: Shutdown,
+    /// Resumable streams' events (`resume_window`).
+    pub resume: Resume,
     /// The Redis shared with the other replicas, if any (`[cluster]`).
     pub cluster: Cluster,
     /// The keys' limits, in process or in the cluster's Redis.
@@ -70,6 +73,7 @@ impl Gateway {
             registry: Registry::build(config).await,
             auth: Auth::new(&config.api_keys),
             settings: config.server.clone(),
+            resume: Resume::new(config.resume, cluster.redis()),
             limiter: Limiter::new(&config.api_keys, &cluster, &shutdown.work),
             shutdown,
             cluster,
@@ -86,6 +90,37 @@ impl Gateway {
         caller: &Caller,
         transport: Transport,
         client_gone: &CancellationToken,
+    ) -> Result<Generation> {
+        self.start(request, caller, transport, client_gone, client_gone.clone())
+            .await
+    }
+
+    /// As [`Gateway::stream`], for a resumable stream: the client leaving after the first
+    /// piece does not end the generation (its recorder does, see [`crate::resume`]).
+    pub async fn stream_outliving_client(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+        transport: Transport,
+        client_gone: &CancellationToken,
+    ) -> Result<Generation> {
+        self.start(
+            request,
+            caller,
+            transport,
+            client_gone,
+            CancellationToken::new(),
+        )
+        .await
+    }
+
+    async fn start(
+        &self,
+        request: GenerateRequest,
+        caller: &Caller,
+        transport: Transport,
+        client_gone: &CancellationToken,
+        pump_client_gone: CancellationToken,
     ) -> Result<Generation> {
         let (model, request) = self.registry.prepare(request)?;
         let (permits, admission) = self.admit(&model, caller, request.max_tokens).await?;
@@ -125,7 +160,7 @@ impl Gateway {
             settings,
             slow_client_timeout: self.settings.slow_client_timeout,
             shutdown_deadline: self.shutdown.deadline.clone(),
-            client_gone: client_gone.clone(),
+            client_gone: pump_client_gone,
             permits,
             admission,
             usage,

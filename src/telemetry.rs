@@ -191,6 +191,11 @@ pub const CANCELLATIONS: &str = "modelgate_cancellations_total";
 pub const UPSTREAM_ERRORS: &str = "modelgate_upstream_errors_total";
 /// Redis commands that failed or timed out, by `operation` (see `cluster`).
 pub const REDIS_ERRORS: &str = "modelgate_redis_errors_total";
+/// Bytes of resumable streams' events this process holds (see `resume`).
+pub const RESUME_BYTES_HELD: &str = "modelgate_resume_bytes_held";
+/// Resumes asked for, by `outcome`: `resumed`, `finished` (nothing left), `expired`,
+/// `refused` (another key's stream, or its Redis unreachable).
+pub const RESUMES: &str = "modelgate_resumes_total";
 
 /// Installs the Prometheus recorder; `/metrics` renders the returned handle.
 pub fn install_metrics() -> PrometheusHandle {

@@ -42,7 +42,7 @@ const ECHO_PIECES: [&str; 5] = [
 ];
 
 /// Every scenario `browser-tests.mjs` runs; each states one thing a user would check.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "page_loads_without_console_errors",
     "websocket_answer_streams_in_and_shows_figures",
     "sse_answer_streams_in_and_shows_figures",
@@ -54,6 +54,7 @@ const SCENARIOS: [&str; 12] = [
     "api_key_is_asked_for_and_kept_for_the_tab_only",
     "model_markup_is_shown_as_text",
     "screenshots_desktop_and_phone_light_and_dark",
+    "eventsource_reconnects_by_itself_and_resumes_every_event_once",
     "swagger_ui_try_it_out_invokes_a_model",
 ];
 
@@ -143,6 +144,18 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
         .emulator
         .script(ECHO_ID, pieces(&ECHO_PIECES, Duration::from_millis(100)));
 
+    // Resumable streams: `echo` counts slowly enough for the browser to reconnect mid-answer.
+    let resumable = TestApp::new()
+        .settings(r#"resume_window = "30s""#)
+        .registry(registry)
+        .spawn()
+        .await;
+    let counting: Vec<String> = (1..=20).map(|n| format!("p{n}")).collect();
+    let counting: Vec<&str> = counting.iter().map(String::as_str).collect();
+    resumable
+        .emulator
+        .script(ECHO_ID, pieces(&counting, Duration::from_millis(300)));
+
     let screenshots = screenshot_dir();
     let output = tokio::time::timeout(
         Duration::from_secs(300),
@@ -151,6 +164,7 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
             .arg(&app.url)
             .arg(&keyed.url)
             .arg(&screenshots)
+            .arg(&resumable.url)
             .env("CHROMIUM", CHROMIUM)
             .env("API_KEY", API_KEY)
             .stdin(Stdio::null())
@@ -210,6 +224,20 @@ async fn chat_page_and_swagger_ui_work_in_chromium() {
             {"role": "assistant", "content": ECHO_PIECES.concat()},
             {"role": "user", "content": "Second question"},
         ])
+    );
+
+    // The EventSource that reconnected resumed its answer: one generation, which finished.
+    assert_eq!(
+        resumable.emulator.requests().len(),
+        1,
+        "no second generation"
+    );
+    assert_eq!(
+        resumable
+            .emulator
+            .wait_streams_ended(1, Duration::from_secs(5))
+            .await,
+        [StreamEnd::Completed]
     );
 
     // Stop (over both transports) and the lost connection ended the upstream calls: the slow

@@ -17,6 +17,7 @@ mod procs;
 mod profile;
 mod redis;
 mod report;
+mod resume;
 mod streams;
 
 use std::{
@@ -67,6 +68,8 @@ enum Section {
     Invoke,
     /// `/v1/chat/completions` next to `/invoke` and `/stream`.
     Openai,
+    /// The memory of 1,000 resumable streams' events held (`resume_window`).
+    Resume,
     Profile,
     /// Per-key limits in Redis (loopback) next to the same limits in process.
     Redis,
@@ -96,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             Section::Stream,
             Section::Scale,
             Section::Invoke,
+            Section::Resume,
             Section::Redis,
             Section::Openai,
             Section::Profile,
@@ -156,6 +160,7 @@ impl Bench {
                     Section::Stream => self.stream(&mock).await?,
                     Section::Scale => self.scale(&mock).await?,
                     Section::Invoke => self.invoke(&mock).await?,
+                    Section::Resume => self.resume(&mock).await?,
                     Section::Redis => self.limits(&mock).await?,
                     Section::Openai => {
                         let gateway = self.gateway(&mock)?;
@@ -446,6 +451,50 @@ impl Bench {
             &format!("connections held when {} connect", 2 * n),
             "",
             idle.held_at_cap as f64,
+            None,
+            Derived::None,
+            None,
+        );
+        Ok(())
+    }
+
+    async fn resume(&mut self, mock: &Process) -> anyhow::Result<()> {
+        const STREAMS: usize = 1000;
+        let held = resume::buffered(&self.binary, mock, STREAMS).await?;
+        let report = &mut self.report;
+        report.group(&format!(
+            "Resumable streams: {STREAMS} ended SSE streams of {} events each held (resume_window = \"10m\")",
+            held.events_per_stream
+        ));
+        let beyond = held.rss_held.saturating_sub(held.rss_baseline) as f64;
+        report.record(
+            "gateway RSS at rest",
+            "MiB",
+            held.rss_baseline as f64 / MIB,
+            None,
+            Derived::None,
+            None,
+        );
+        report.record(
+            "gateway RSS holding them",
+            "MiB",
+            held.rss_held as f64 / MIB,
+            None,
+            Derived::None,
+            None,
+        );
+        report.record(
+            "RSS per held stream",
+            "KiB",
+            beyond / 1024.0 / held.streams as f64,
+            None,
+            Derived::None,
+            None,
+        );
+        report.record(
+            "RSS per held event",
+            "B",
+            beyond / (held.streams * held.events_per_stream) as f64,
             None,
             Derived::None,
             None,

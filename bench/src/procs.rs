@@ -31,6 +31,7 @@ pub const SCENARIOS: &[Scenario] = &[
         chunks: 64,
         pace: Duration::from_millis(20),
     },
+    crate::resume::LONG,
     Scenario::Silent,
 ];
 

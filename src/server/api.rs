@@ -13,10 +13,11 @@ use crate::{
     auth::Caller,
     content::{ReasoningBlock, TextBlock, ToolUseBlock},
     error::Error,
-    generation::Transport,
+    generation::{Generation, Transport},
     provider::{AnswerBlock, StopReason, Usage, collect},
     registry::ModelInfo,
     request::GenerateRequest,
+    resume::{EventId, Resumed},
     telemetry::RequestNote,
 };
 
@@ -133,6 +134,9 @@ impl Api {
     ///
     /// Server-Sent Events, for `EventSource`: `chunk` events as the model writes, then one
     /// `done` event, or one `error` event if the model fails after the stream began.
+    /// Every event has an `id:`; with `resume_window` on, a request carrying
+    /// `Last-Event-ID` (as `EventSource` sends on its own when it reconnects) gets the
+    /// events after that one and the rest instead of a new answer.
     #[oai(path = "/stream", method = "get", operation_id = "streamGet")]
     #[allow(clippy::too_many_arguments)]
     async fn stream_get(
@@ -213,7 +217,8 @@ impl Api {
     }
 }
 
-/// Both `/stream` operations: start, and answer with the events.
+/// Both `/stream` operations: start (or resume, given `Last-Event-ID`), and answer with the
+/// events.
 async fn stream(
     state: &AppState,
     caller: &Caller,
@@ -221,17 +226,62 @@ async fn stream(
     request: GenerateRequest,
 ) -> Result<EventStream, Error> {
     note_model(state, http, &request);
-    let generation = state
-        .gateway
-        .stream(request, caller, Transport::Sse, &ClientGone::of(http))
+    let gateway = &state.gateway;
+    let keep_alive = gateway.settings.sse_keep_alive;
+    let slow_client_timeout = gateway.settings.slow_client_timeout;
+    let client_gone = ClientGone::of(http);
+    if let Some(last) = last_event_id(http)? {
+        return Ok(match gateway.resume.resume(caller.id(), &last).await? {
+            Resumed::Events(listening) => {
+                EventStream::recorded(listening, client_gone, keep_alive, slow_client_timeout)
+            }
+            Resumed::Finished => EventStream::finished(),
+        });
+    }
+    if !gateway.resume.enabled() {
+        let generation = gateway
+            .stream(request, caller, Transport::Sse, &client_gone)
+            .await?;
+        note_upstream(http, &generation);
+        return Ok(EventStream::numbered(
+            generation.filter_map(|item| std::future::ready(StreamEvent::of(item))),
+            keep_alive,
+        ));
+    }
+    let generation = gateway
+        .stream_outliving_client(request, caller, Transport::Sse, &client_gone)
         .await?;
+    note_upstream(http, &generation);
+    let listening = gateway
+        .resume
+        .record(caller.id(), generation, StreamEvent::serialize);
+    Ok(EventStream::recorded(
+        listening,
+        client_gone,
+        keep_alive,
+        slow_client_timeout,
+    ))
+}
+
+/// The event a reconnecting client had last, from `Last-Event-ID`; an empty one is none.
+fn last_event_id(http: &Request) -> Result<Option<EventId>, Error> {
+    let Some(value) = http.headers().get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        Error::InvalidRequest("`Last-Event-ID` is not an event id of this gateway".into())
+    })?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    EventId::parse(text).map(Some)
+}
+
+fn note_upstream(http: &Request, generation: &Generation) {
     if let Some(note) = RequestNote::of(http) {
         note.upstream(generation.upstream_wait);
     }
-    Ok(EventStream::new(
-        generation.filter_map(|item| std::future::ready(StreamEvent::of(item))),
-        state.gateway.settings.sse_keep_alive,
-    ))
 }
 
 /// The parameters `GET /stream` takes; `api_key` is read by the key check.

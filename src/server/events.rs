@@ -1,12 +1,15 @@
 //! The frames a streaming client receives: the data of the SSE events and the WebSocket
 //! JSON mode's messages are the same objects.
 
+use std::io::Write;
+
 use poem_openapi::{Object, Union, types::ToJSON};
 
 use crate::{
     content::ToolUseBlock,
     error::{Error, ErrorBody},
     provider::{Chunk, Finish, ReasoningPiece, StopReason, Usage},
+    resume::EventId,
 };
 
 /// One event of an answer stream: any number of `chunk`, `reasoning` and `tool_call`, in
@@ -95,18 +98,20 @@ impl StreamEvent {
         String::from_utf8(json).expect("serde_json writes UTF-8")
     }
 
-    /// The event as one SSE message, `event: <name>` and one `data:` line, byte for byte as
-    /// poem's `Event` writes it, in a single buffer.
-    pub fn sse(&self) -> Vec<u8> {
-        let name = self.name();
-        let mut sse = Vec::with_capacity(self.len_hint() + name.len() + 16);
-        sse.extend_from_slice(b"event: ");
-        sse.extend_from_slice(name.as_bytes());
-        sse.extend_from_slice(b"\ndata: ");
-        // JSON escapes line breaks, so the data is always a single line.
-        self.write_json(&mut sse);
-        sse.extend_from_slice(b"\n\n");
-        sse
+    /// An answer's item as a stored event: its name and its JSON (see [`crate::resume`]);
+    /// none for an item without an event ([`StreamEvent::of`]).
+    pub fn serialize(item: crate::error::Result<Chunk>) -> Option<(&'static str, Vec<u8>)> {
+        let event = StreamEvent::of(item)?;
+        let mut json = Vec::with_capacity(event.len_hint());
+        event.write_json(&mut json);
+        Some((event.name(), json))
+    }
+
+    /// The event as one SSE message with its `id:`, as [`sse_message`] writes it.
+    pub fn sse(&self, id: Option<&EventId>) -> Vec<u8> {
+        let mut json = Vec::with_capacity(self.len_hint());
+        self.write_json(&mut json);
+        sse_message(id, self.name().as_bytes(), &json)
     }
 
     /// A chunk is written directly: the generic path builds a `serde_json::Value` tree
@@ -128,6 +133,23 @@ impl StreamEvent {
             _ => 128,
         }
     }
+}
+
+/// One SSE message: `id: <id>` (when the event has one), `event: <name>` and one `data:`
+/// line, byte for byte as poem's `Event` writes it, in a single buffer. JSON escapes line
+/// breaks, so the data is always a single line.
+pub fn sse_message(id: Option<&EventId>, name: &[u8], json: &[u8]) -> Vec<u8> {
+    let mut sse = Vec::with_capacity(json.len() + name.len() + 64);
+    if let Some(id) = id {
+        // Writing to a Vec cannot fail.
+        let _ = writeln!(sse, "id: {id}");
+    }
+    sse.extend_from_slice(b"event: ");
+    sse.extend_from_slice(name);
+    sse.extend_from_slice(b"\ndata: ");
+    sse.extend_from_slice(json);
+    sse.extend_from_slice(b"\n\n");
+    sse
 }
 
 #[cfg(test)]
@@ -160,11 +182,16 @@ mod tests {
             }),
             StreamEvent::from(&Error::Cancelled),
         ];
+        let id = EventId {
+            stream: crate::resume::StreamId::new(),
+            seq: 7,
+        };
         for event in events {
             let poem = poem::web::sse::Event::message(event.to_json_string())
                 .event_type(event.name())
+                .id(id.to_string())
                 .to_string();
-            assert_eq!(String::from_utf8(event.sse()).unwrap(), poem);
+            assert_eq!(String::from_utf8(event.sse(Some(&id))).unwrap(), poem);
         }
     }
 }

@@ -100,7 +100,7 @@ pub fn app(state: AppState) -> BoxEndpoint<'static> {
                     "anthropic-version",
                     "last-event-id",
                 ])
-                .expose_headers(["x-request-id", "retry-after"])
+                .expose_headers(["x-request-id", "retry-after", sse::STREAM_ID_HEADER])
                 .max_age(600),
         ),
     );

@@ -1,7 +1,9 @@
 // Browser scenarios for the chat page and Swagger UI, run by tests/browser.rs against a real
 // gateway backed by the Bedrock emulator, in Debian's Chromium driven by playwright-core.
 //
-//   node browser-tests.mjs BASE_URL KEYED_URL SCREENSHOT_DIR   (env API_KEY: KEYED_URL's key)
+//   node browser-tests.mjs BASE_URL KEYED_URL SCREENSHOT_DIR RESUMABLE_URL
+//   (env API_KEY: KEYED_URL's key; RESUMABLE_URL: a gateway with resume_window on, whose echo
+//   model counts p1 … p20, a piece every 300 ms)
 //
 // One browser for every scenario (starting Chromium costs seconds); each scenario gets its own
 // browser context. Prints one JSON line: [{name, passed, error?}] for the Rust test to assert.
@@ -14,7 +16,7 @@ import path from "node:path";
 import { chromium } from "playwright-core";
 
 // KEYED_URL is a second gateway, which wants the API key API_KEY.
-const [base, keyed, screenshots] = process.argv.slice(2);
+const [base, keyed, screenshots, resumable] = process.argv.slice(2);
 const origin = new URL(base).origin;
 const WAIT_MS = 20_000;
 
@@ -310,6 +312,41 @@ const scenarios = {
     }
   },
 
+  async eventsource_reconnects_by_itself_and_resumes_every_event_once() {
+    const proxy = await severableProxy(resumable);
+    const { page, seen, context } = await open({}, proxy.url);
+    await page.goto(proxy.url);
+    // The connection is cut after the fifth event, as a network failure would.
+    await page.exposeFunction("cutConnection", () => proxy.cut());
+    const { events, errors, streamId } = await page.evaluate(
+      () =>
+        new Promise((resolve) => {
+          const events = [];
+          let errors = 0;
+          const source = new EventSource("/stream?model=echo&prompt=count");
+          source.addEventListener("chunk", (event) => {
+            events.push([event.lastEventId, JSON.parse(event.data).text]);
+            if (events.length === 5) window.cutConnection();
+          });
+          source.addEventListener("done", (event) => {
+            events.push([event.lastEventId, JSON.parse(event.data).type]);
+            source.close();
+            resolve({ events, errors, streamId: events[0][0].split(":")[0] });
+          });
+          // EventSource reports the lost connection, then reconnects by itself.
+          source.addEventListener("error", () => errors++);
+        }),
+    );
+    const expected = Array.from({ length: 20 }, (_, n) => [`${streamId}:${n + 1}`, `p${n + 1}`]);
+    expected.push([`${streamId}:21`, "done"]);
+    assert.deepEqual(events, expected, "every event once, in order, across the reconnection");
+    assert.equal(errors, 1, "one lost connection, one reconnection");
+    assert.match(streamId, /^[0-9a-f]{32}$/);
+    assert.deepEqual(seen.dialogs, []);
+    await context.close();
+    await proxy.close();
+  },
+
   async swagger_ui_try_it_out_invokes_a_model() {
     const { page, seen, context } = await open({ viewport: { width: 1280, height: 900 } });
     await page.goto(`${base}/docs`);
@@ -331,9 +368,9 @@ const scenarios = {
   },
 };
 
-/** A TCP proxy in front of the gateway whose connections can be cut, as a network failure would. */
-async function severableProxy() {
-  const gateway = new URL(base);
+/** A TCP proxy in front of a gateway whose connections can be cut, as a network failure would. */
+async function severableProxy(gatewayUrl = base) {
+  const gateway = new URL(gatewayUrl);
   const sockets = new Set();
   const server = net.createServer((client) => {
     const upstream = net.connect(Number(gateway.port), gateway.hostname);

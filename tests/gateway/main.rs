@@ -24,6 +24,8 @@ mod local;
 mod openai;
 mod openai_compat;
 mod operations;
+mod resume;
+mod resume_cluster;
 mod schema;
 mod service;
 mod soak;

@@ -12,7 +12,11 @@ use serde::{
 };
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{error::Error, request::GenerateRequest};
+use crate::{
+    error::Error,
+    request::GenerateRequest,
+    resume::{EventId, StreamId},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -35,6 +39,9 @@ pub enum Incoming {
     Prompt(Box<GenerateRequest>, Framing),
     Invalid(Error, Framing),
     Cancel,
+    /// `{"type": "resume", "stream_id", "after"}`: the events of a resumable stream after
+    /// `after`, then the rest.
+    Resume(EventId),
     /// Pings and pongs: they only show that the client is there.
     Ignore,
     /// The client closed the connection.
@@ -62,6 +69,13 @@ impl Incoming {
         };
         match mode {
             Mode::Text => Incoming::Prompt(Box::new(GenerateRequest::prompt(model, text)), framing),
+            // Only a message that mentions it can be a resume: prompts are read once.
+            Mode::Json if text.contains("\"resume\"") && is_resume(&text) => {
+                match parse_resume(&text) {
+                    Ok(after) => Incoming::Resume(after),
+                    Err(err) => Incoming::Invalid(err, Framing::Json),
+                }
+            }
             Mode::Json => match parse_json(&text, model) {
                 Ok(JsonFrame::Generate(request)) => Incoming::Prompt(request, Framing::Json),
                 Ok(JsonFrame::Cancel) => Incoming::Cancel,
@@ -77,6 +91,7 @@ impl Incoming {
     pub fn reply_framing(&self) -> Option<Framing> {
         match self {
             Incoming::Prompt(_, framing) | Incoming::Invalid(_, framing) => Some(*framing),
+            Incoming::Resume(_) => Some(Framing::Json),
             _ => None,
         }
     }
@@ -95,6 +110,39 @@ enum JsonFrame {
 enum FrameType {
     Generate,
     Cancel,
+}
+
+/// Whether a JSON message's `type` is `resume`.
+fn is_resume(text: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        frame_type: Option<&'a str>,
+    }
+    serde_json::from_str::<Typed>(text).is_ok_and(|typed| typed.frame_type == Some("resume"))
+}
+
+/// `{"type": "resume", "stream_id", "after"}`.
+fn parse_resume(text: &str) -> Result<EventId, Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ResumeFrame {
+        #[serde(rename = "type")]
+        _type: String,
+        stream_id: String,
+        after: u64,
+    }
+    let frame: ResumeFrame = serde_json::from_str(text)
+        .map_err(|err| Error::InvalidRequest(format!("invalid resume: {err}")))?;
+    let stream = StreamId::parse(&frame.stream_id).ok_or_else(|| {
+        Error::InvalidRequest(
+            "invalid resume: `stream_id` is not a stream id of this gateway (32 hex digits)".into(),
+        )
+    })?;
+    Ok(EventId {
+        stream,
+        seq: frame.after,
+    })
 }
 
 /// Parses a message straight into a request, so that serde's errors name the field at
@@ -246,6 +294,30 @@ mod tests {
             let message = error(text);
             assert!(message.contains(named), "{text}: {message}");
         }
+    }
+
+    #[test]
+    fn resume_is_a_frame_of_its_own_with_a_stream_id_and_a_number() {
+        let stream = StreamId::new();
+        let frame = format!(r#"{{"type": "resume", "stream_id": "{stream}", "after": 4}}"#);
+        assert!(matches!(
+            Incoming::of(Message::text(frame), Mode::Json, "m"),
+            Incoming::Resume(EventId { seq: 4, .. })
+        ));
+        for bad in [
+            r#"{"type": "resume", "stream_id": "nope", "after": 4}"#,
+            r#"{"type": "resume", "after": 4}"#,
+        ] {
+            assert!(matches!(
+                Incoming::of(Message::text(bad), Mode::Json, "m"),
+                Incoming::Invalid(..)
+            ));
+        }
+        let prompt = r#"{"prompt": "say \"resume\""}"#;
+        assert!(matches!(
+            Incoming::of(Message::text(prompt), Mode::Json, "m"),
+            Incoming::Prompt(..)
+        ));
     }
 
     #[test]

@@ -47,6 +47,7 @@ use crate::{
     generation::{Generation, Transport},
     provider::Chunk,
     request::GenerateRequest,
+    resume::{Event, EventId, Listening, Resumed},
     telemetry::RequestNote,
 };
 
@@ -255,6 +256,7 @@ impl Session {
             Incoming::Invalid(err, framing) => {
                 self.send(socket, StreamEvent::from(&err), framing).await?;
             }
+            Incoming::Resume(after) => self.resume(&after, socket, queue).await?,
             Incoming::Cancel | Incoming::Ignore => {}
             Incoming::Closed => return Err(Ending::ClientClosed),
         }
@@ -298,6 +300,10 @@ impl Session {
         socket: &mut Socket,
         queue: &mut Queue,
     ) -> Result<(), Ending> {
+        // Streamed JSON answers are resumable when resumption is on.
+        if self.gateway.resume.enabled() && matches!(framing, Framing::Json) && self.streaming {
+            return self.answer_resumable(request, socket, queue).await;
+        }
         let generation = self
             .gateway
             .stream(
@@ -316,6 +322,89 @@ impl Session {
                     loggable(&err.to_string())
                 );
                 self.send(socket, StreamEvent::from(&err), framing).await
+            }
+        }
+    }
+
+    async fn answer_resumable(
+        &self,
+        request: GenerateRequest,
+        socket: &mut Socket,
+        queue: &mut Queue,
+    ) -> Result<(), Ending> {
+        let generation = self
+            .gateway
+            .stream_outliving_client(
+                request,
+                &self.caller,
+                Transport::WebSocket,
+                &self.client_gone,
+            )
+            .await;
+        match generation {
+            Ok(generation) => {
+                let listening = self.gateway.resume.record(
+                    self.caller.id(),
+                    generation,
+                    StreamEvent::serialize,
+                );
+                self.forward_recorded(listening, socket, queue).await
+            }
+            Err(err) => {
+                self.send(socket, StreamEvent::from(&err), Framing::Json)
+                    .await
+            }
+        }
+    }
+
+    /// `{"type": "resume"}`: the events after `after`, then the rest; nothing when the
+    /// stream ended and the client had them all.
+    async fn resume(
+        &self,
+        after: &EventId,
+        socket: &mut Socket,
+        queue: &mut Queue,
+    ) -> Result<(), Ending> {
+        match self.gateway.resume.resume(self.caller.id(), after).await {
+            Ok(Resumed::Events(listening)) => self.forward_recorded(listening, socket, queue).await,
+            Ok(Resumed::Finished) => Ok(()),
+            Err(err) => {
+                self.send(socket, StreamEvent::from(&err), Framing::Json)
+                    .await
+            }
+        }
+    }
+
+    /// Sends a resumable stream's events as JSON frames that name the stream and their
+    /// number, while watching the socket as [`Session::forward`] does.
+    async fn forward_recorded(
+        &self,
+        mut listening: Listening,
+        socket: &mut Socket,
+        queue: &mut Queue,
+    ) -> Result<(), Ending> {
+        loop {
+            let item = tokio::select! {
+                item = listening.next() => item,
+                message = socket.next() => {
+                    if let Heard::Cancel = self.heard(message, Framing::Json, socket, queue).await? {
+                        listening.cancel();
+                        return self.send(socket, StreamEvent::from(&Error::Cancelled), Framing::Json).await;
+                    }
+                    continue;
+                }
+            };
+            match item {
+                None => return Ok(()),
+                Some(Ok(event)) => {
+                    let frame = numbered_frame(&listening, &event);
+                    self.deliver(socket, Message::text(frame)).await?;
+                }
+                Some(Err(err)) => {
+                    return self
+                        .send(socket, StreamEvent::from(&err), Framing::Json)
+                        .await;
+                }
             }
         }
     }
@@ -438,6 +527,17 @@ impl Session {
             Err(_) => loggable(model),
         }
     }
+}
+
+/// A stored event's JSON with the stream's id and the event's number added:
+/// `{..., "stream_id": "…", "seq": N}`.
+fn numbered_frame(listening: &Listening, event: &Event) -> String {
+    let json = String::from_utf8_lossy(event.json());
+    let fields = json.trim_end().strip_suffix('}').unwrap_or(&json);
+    format!(
+        r#"{fields},"stream_id":"{}","seq":{}}}"#,
+        listening.stream, event.seq
+    )
 }
 
 /// What a message that came while an answer streams means for that answer.
