@@ -234,7 +234,9 @@ fn error_type(err: &Error) -> &'static str {
         Error::InvalidRequest(_) | Error::MethodNotAllowed(_) | Error::UnsupportedMediaType(_) => {
             "invalid_request_error"
         }
-        Error::UnknownModel(_) | Error::NotFound(_) => "not_found_error",
+        Error::UnknownModel(_) | Error::NotFound(_) | Error::UnknownStream(_) => "not_found_error",
+        // The Anthropic routes do not resume streams; Anthropic has no word for a 410.
+        Error::ResumeExpired(_) => "invalid_request_error",
         Error::TooLarge(_) => "request_too_large",
         Error::RequestTimeout(_) | Error::UpstreamTimeout(_) => "timeout_error",
         Error::Unauthorized(_) => "authentication_error",
