@@ -731,3 +731,49 @@ async fn a_client_that_leaves_in_the_middle_of_a_tool_call_stops_the_converse_st
     drop(events);
     app.assert_upstream_closed_within_a_second().await;
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_answer_pays_for_what_was_generated() {
+    let app = TestApp::new()
+        .registry(converse_registry(""))
+        .api_key("team-a", crate::auth::KEY, "tokens_per_day = 1000")
+        .scenario(
+            CLAUDE_37,
+            Scenario::converse()
+                .text(["one", " two", " three", " four"])
+                .paced(Duration::from_millis(300)),
+        )
+        .spawn()
+        .await;
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/stream", app.url))
+        .bearer_auth(crate::auth::KEY)
+        .json(&json!({"model": "claude", "prompt": "Count", "max_tokens": 500}))
+        .send()
+        .await
+        .unwrap();
+    let mut events = sse_events(response);
+    assert_eq!(events.next().await.unwrap().event, "chunk");
+    drop(events);
+    app.assert_upstream_closed_within_a_second().await;
+    // Asking for more than the whole budget is refused with what is left: once the
+    // stream's 500 reserved tokens are settled, what it generated is gone from the budget.
+    let left = crate::cluster::wait_for(
+        "the stream's reservation is settled",
+        Duration::from_secs(5),
+        || async {
+            let refused = client
+                .post(format!("{}/invoke", app.url))
+                .bearer_auth(crate::auth::KEY)
+                .json(&json!({"model": "claude", "prompt": "x", "max_tokens": 1001}))
+                .send()
+                .await
+                .unwrap();
+            let message = expect_error(refused, 429, "budget_exhausted").await;
+            (!message.contains("has 500 of")).then_some(message)
+        },
+    )
+    .await;
+    assert!(!left.contains("has 1000 of"), "{left}");
+}

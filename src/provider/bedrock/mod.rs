@@ -234,6 +234,8 @@ where
                 Ok(chunks) => chunks,
                 Err(err) => break err,
             };
+            // A client that leaves mid-answer pays for what was generated until then.
+            spent.report(upstream.decoder.usage());
             for chunk in chunks {
                 let done = matches!(chunk, Chunk::Done(_));
                 yield chunk;
