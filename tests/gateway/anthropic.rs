@@ -1060,3 +1060,26 @@ async fn count_tokens_of_a_silent_upstream_ends_with_the_first_token_timeout() {
     expect_anthropic_error(response, 504, "timeout_error").await;
     held.abort();
 }
+
+#[tokio::test]
+async fn a_long_document_title_in_any_script_is_shortened_not_refused() {
+    let app = converse_app()
+        .scenario(CLAUDE_37, Scenario::converse().text(["Read."]))
+        .spawn()
+        .await;
+    let title = "é".repeat(150);
+    let question = ask_claude(json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Summarise."},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}, "title": title},
+    ]}]}));
+    let response = app.post("/v1/messages", &question).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let name = last_converse(&app).body["messages"][0]["content"][1]["document"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !name.is_empty() && name.len() <= 200 && title.starts_with(&name),
+        "{name}"
+    );
+}
