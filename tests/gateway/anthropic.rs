@@ -1029,3 +1029,57 @@ mod local {
         run_anthropic_client("local", &app, "no-key-needed").await;
     }
 }
+
+#[tokio::test]
+async fn count_tokens_of_a_silent_upstream_ends_with_the_first_token_timeout() {
+    // An upstream that takes the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            connections.push(connection);
+        }
+    });
+    let app = TestApp::new()
+        .registry(|_| {
+            registry(&silent_url).replace(
+                "endpoint_url",
+                "upstream = { first_token_timeout = \"400ms\" }\nendpoint_url",
+            )
+        })
+        .spawn()
+        .await;
+    let request = json!({"model": "anthropic", "messages": [{"role": "user", "content": "Hi"}]});
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.post("/v1/messages/count_tokens", &request),
+    )
+    .await
+    .expect("count_tokens answers within the model's timeouts");
+    expect_anthropic_error(response, 504, "timeout_error").await;
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_long_document_title_in_any_script_is_shortened_not_refused() {
+    let app = converse_app()
+        .scenario(CLAUDE_37, Scenario::converse().text(["Read."]))
+        .spawn()
+        .await;
+    let title = "é".repeat(150);
+    let question = ask_claude(json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Summarise."},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}, "title": title},
+    ]}]}));
+    let response = app.post("/v1/messages", &question).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let name = last_converse(&app).body["messages"][0]["content"][1]["document"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        !name.is_empty() && name.len() <= 200 && title.starts_with(&name),
+        "{name}"
+    );
+}

@@ -630,3 +630,17 @@ async fn an_image_reaches_bedrock_and_reasoning_cache_and_filters_come_back_in_o
     );
     assert_eq!(deltas.last().unwrap()["finish_reason"], "content_filter");
 }
+
+#[tokio::test]
+async fn usage_counts_beyond_u32_from_the_upstream_saturate_instead_of_failing_the_answer() {
+    let app = TestApp::new()
+        .scenario(CLAUDE_ID, Scenario::reply(["Hi"]).input_tokens(u32::MAX))
+        .spawn()
+        .await;
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let response = complete(&app, json!({"model": "anthropic", "messages": hi})).await;
+    assert_eq!(response.status(), 200);
+    let completion: Value = response.json().await.unwrap();
+    assert_eq!(completion["usage"]["prompt_tokens"], u32::MAX);
+    assert_eq!(completion["usage"]["total_tokens"], u32::MAX);
+}

@@ -140,7 +140,16 @@ impl AnthropicApi {
         let request: GenerateRequest = conversation.into_generate(allowed)?;
         note_model(state, http, &request);
         let (model, request) = state.gateway.registry.prepare(request)?;
-        let input_tokens = model.count_tokens(request).await?;
+        // The SDK's client has no read timeout: a silent upstream is the model's to bound.
+        let timeout = model.spec.upstream.first_token_timeout;
+        let input_tokens = tokio::time::timeout(timeout, model.count_tokens(request))
+            .await
+            .map_err(|_| {
+                Error::UpstreamTimeout(format!(
+                    "model `{}` did not count the tokens within {timeout:?} (first token timeout)",
+                    model.spec.name
+                ))
+            })??;
         Ok(Json(TokenCount { input_tokens }))
     }
 }

@@ -600,13 +600,19 @@ fn document_block(document: DocumentInput, field: &str) -> Result<DocumentBlock>
             ));
         }
     };
-    let title: String = document
+    // A document's name is at most 200 bytes (what the gateway's check counts), not chars.
+    let mut title = String::new();
+    for c in document
         .title
         .unwrap_or_default()
         .chars()
         .filter(|c| c.is_alphanumeric() || " -()[]".contains(*c))
-        .take(200)
-        .collect();
+    {
+        if title.len() + c.len_utf8() > 200 {
+            break;
+        }
+        title.push(c);
+    }
     Ok(DocumentBlock {
         format,
         name: match title.trim() {

@@ -208,11 +208,15 @@ fn finish_reason(stop_reason: StopReason) -> FinishReason {
 /// OpenAI counts cached tokens in the prompt's; Bedrock counts them apart.
 fn usage(usage: Usage) -> CompletionUsage {
     let cached = usage.cache_read_input_tokens.unwrap_or(0);
-    let prompt = usage.input_tokens + cached + usage.cache_write_input_tokens.unwrap_or(0);
+    // The upstream's counts: their sums saturate rather than overflow.
+    let prompt = usage
+        .input_tokens
+        .saturating_add(cached)
+        .saturating_add(usage.cache_write_input_tokens.unwrap_or(0));
     CompletionUsage {
         prompt_tokens: prompt,
         completion_tokens: usage.output_tokens,
-        total_tokens: prompt + usage.output_tokens,
+        total_tokens: prompt.saturating_add(usage.output_tokens),
         prompt_tokens_details: PromptTokensDetails {
             cached_tokens: cached,
         },
