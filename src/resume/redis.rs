@@ -198,7 +198,10 @@ impl RedisLog {
             Some(stored) if stored != owner => return Err(super::memory::not_yours(stream)),
             Some(_) => {}
         }
-        let first = self.range(stream, after + 1, 1).await?;
+        let Some(from) = after.checked_add(1) else {
+            return Err(no_event(stream, after));
+        };
+        let first = self.range(stream, from, 1).await?;
         match first.first() {
             Some(Entry::End(_)) => return Ok(Found::Finished),
             Some(Entry::Event(event)) if event.seq > after + 1 => {
@@ -207,15 +210,24 @@ impl RedisLog {
                     event.seq - 1
                 )));
             }
-            _ => {}
+            Some(Entry::Event(_)) => {}
+            None => self.check_not_past_end(stream, after).await?,
         }
         let log = self.clone();
         let stream = stream.clone();
         Ok(Found::Events(Box::pin(async_stream::stream! {
-            let mut next = after + 1;
+            let mut next = from;
             let mut lease_renewed: Option<tokio::time::Instant> = None;
             loop {
                 if lease_renewed.is_none_or(|at| at.elapsed() >= LEASE_RENEWAL) {
+                    // Keys that expired or were deleted (the owner died, or abandoned the
+                    // stream) end the reader instead of leaving it polling for ever.
+                    if lease_renewed.is_some()
+                        && let Err(err) = log.check_not_past_end(&stream, next - 1).await
+                    {
+                        yield Err(err);
+                        return;
+                    }
                     log.renew_lease(&stream).await;
                     lease_renewed = Some(tokio::time::Instant::now());
                 }
@@ -254,6 +266,31 @@ impl RedisLog {
         })))
     }
 
+    /// Fails when the stream's events are gone from Redis, or when it ended before event
+    /// `after`: nothing would ever come after it.
+    async fn check_not_past_end(&self, stream: &StreamId, after: u64) -> Result<()> {
+        let mut connection = self.redis.connection();
+        let last: Vec<(String, Vec<Vec<u8>>)> = self
+            .redis
+            .run(
+                "resume_read",
+                redis::cmd("XREVRANGE")
+                    .arg(self.key(stream, "events"))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut connection),
+            )
+            .await
+            .map_err(|_| unreachable())?;
+        match last.into_iter().find_map(Entry::of) {
+            None => Err(super::memory::expired(stream)),
+            Some(Entry::End(end)) if end <= after => Err(no_event(stream, after)),
+            Some(_) => Ok(()),
+        }
+    }
+
     async fn renew_lease(&self, stream: &StreamId) {
         let mut connection = self.redis.connection();
         let _ = self
@@ -289,6 +326,10 @@ impl RedisLog {
             .map_err(|_| unreachable())?;
         Ok(entries.into_iter().filter_map(Entry::of).collect())
     }
+}
+
+fn no_event(stream: &StreamId, after: u64) -> Error {
+    Error::InvalidRequest(format!("stream `{stream}` has no event {after}"))
 }
 
 fn unreachable() -> Error {

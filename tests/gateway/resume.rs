@@ -454,3 +454,24 @@ async fn without_resume_window_websocket_frames_are_unchanged_and_resume_is_refu
         "resume_expired"
     );
 }
+
+#[tokio::test]
+async fn a_last_event_id_past_every_event_of_a_live_stream_is_refused() {
+    let app = resumable(r#"resume_window = "30s""#)
+        .scenario(LLAMA_ID, Scenario::stall(["thinking..."]))
+        .spawn()
+        .await;
+    let response = get_as(&app.url, STREAM, KEY_A, None).await;
+    let stream_id = stream_id_of(&response);
+    let mut events = numbered_events(response);
+    assert_eq!(
+        read(&mut events, Some(1)).await[0].id,
+        format!("{stream_id}:1")
+    );
+    // No client can have had these: the stream has sent event 1 only.
+    for after in [2, u64::MAX] {
+        let after = format!("{stream_id}:{after}");
+        let resumed = get_as(&app.url, STREAM, KEY_A, Some(&after)).await;
+        expect_error(resumed, 400, "invalid_request").await;
+    }
+}

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::app::{App, LLAMA_ID};
-use crate::client::next_json;
+use crate::client::{expect_error, next_json};
 use crate::cluster::{Balancer, RedisServer, replicas, wait_for_redis};
 use crate::emulator::StreamEnd;
 use crate::resume::{
@@ -109,4 +109,34 @@ async fn a_websocket_json_client_resumes_on_another_replica() {
     assert_eq!(seen, every_frame(&stream_id));
     let generated: usize = apps.iter().map(|app| app.emulator.requests().len()).sum();
     assert_eq!(generated, 1);
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and haproxy: run scripts/install-test-tools.sh"]
+async fn a_last_event_id_past_the_end_is_refused_on_another_replica_too() {
+    let redis = RedisServer::start().await;
+    let apps = replicas(2, || {
+        resumable(r#"resume_window = "30s""#)
+            .redis(&redis.url())
+            .scenario(LLAMA_ID, counting(Duration::from_millis(1)))
+    })
+    .await;
+    for app in &apps {
+        wait_for_redis(&app.url, "ok").await;
+    }
+    let response = get_as(&apps[0].url, STREAM, KEY_A, None).await;
+    let stream_id = stream_id_of(&response);
+    let all = read(&mut numbered_events(response), None).await;
+    assert_every_event_once_in_order(&all, &stream_id);
+    // The stream ended with event 21: nothing comes after 22 or a number that overflows.
+    for after in [22, u64::MAX] {
+        let last = format!("{stream_id}:{after}");
+        let resumed = tokio::time::timeout(
+            Duration::from_secs(5),
+            get_as(&apps[1].url, STREAM, KEY_A, Some(&last)),
+        )
+        .await
+        .expect("an answer, not a wait for ever");
+        expect_error(resumed, 400, "invalid_request").await;
+    }
 }
