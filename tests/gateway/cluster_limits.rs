@@ -74,6 +74,16 @@ fn retry_after(response: &reqwest::Response) -> u64 {
         .expect("a Retry-After in seconds")
 }
 
+/// What a `budget_exhausted` message says is left of the budget.
+fn budget_left(message: &str) -> u32 {
+    message
+        .split(" has ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|left| left.parse().ok())
+        .unwrap_or_else(|| panic!("no budget left in {message:?}"))
+}
+
 /// Tokens an `/invoke` answer says it used.
 async fn used_tokens(response: reqwest::Response) -> u32 {
     let body: serde_json::Value = response.json().await.unwrap();
@@ -147,22 +157,25 @@ async fn a_daily_budget_holds_across_replicas_reserved_then_settled_to_the_real_
     assert!(message.contains("tokens_per_day"), "{message}");
     drop(held);
 
-    // Once the held stream's reservation is given back, a request that reserves 100 and
-    // uses fewer is settled to what it used...
-    let used = wait_for(
-        "r0 gives its reservation back",
+    // Once its client has left, the held stream's reservation of 150 is settled to what it
+    // generated until then: no longer 50 left, but not all 200 either.
+    let left_after_held = wait_for(
+        "r0 settles the held stream",
         Duration::from_secs(5),
         || async {
-            let response = invoke(&apps[1].url, KEY, 100).await;
-            match response.status().as_u16() {
-                200 => Some(used_tokens(response).await),
-                _ => None,
-            }
+            // More than is ever left: refused, costing nothing, saying what is left.
+            let refused = invoke(&apps[1].url, KEY, 200).await;
+            let left = budget_left(&expect_error(refused, 429, "budget_exhausted").await);
+            (left > 50).then_some(left)
         },
     )
     .await;
+    assert!(left_after_held < 200, "the held stream paid nothing");
+
+    // A request that reserves 100 and uses fewer is settled to what it used...
+    let used = used_tokens(invoke(&apps[1].url, KEY, 100).await).await;
     assert!(used < 100, "{used}");
-    let left = 200 - used;
+    let left = left_after_held - used;
     // ...so that exactly what is left fits, on the other replica, once settled.
     wait_until(
         "r0 admits a request for all that is left",
