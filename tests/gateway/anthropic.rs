@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp, registry};
-use crate::cancellation::upstream_open;
+use crate::cancellation::leaving_a_post_stops_the_upstream;
 use crate::client::{all_sse_events, sse_events};
 use crate::converse::{
     CLAUDE_37, base64, converse_registry, last_converse, unbase64, weather_tool,
@@ -515,19 +515,7 @@ async fn a_waiting_client_that_leaves_stops_the_upstream_call() {
         .scenario(CLAUDE_ID, Scenario::stall(["thinking..."]))
         .spawn()
         .await;
-    let request = tokio::spawn({
-        let url = format!("{}/v1/messages", app.url);
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .json(&hello("anthropic"))
-                .send()
-                .await
-        }
-    });
-    upstream_open(&app).await;
-    request.abort();
-    app.assert_upstream_closed_within_a_second().await;
+    leaving_a_post_stops_the_upstream(&app, "/v1/messages", hello("anthropic")).await;
 }
 
 #[tokio::test]
@@ -580,7 +568,7 @@ async fn the_routes_have_their_own_metrics_labels() {
         app.post("/v1/messages", &hello("anthropic")).await.status(),
         200
     );
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     assert!(
         metrics.contains(
             r#"modelgate_requests_total{route="/v1/messages",model="anthropic",status="200"} 1"#

@@ -301,6 +301,18 @@ impl App {
             .expect("the gateway answers")
     }
 
+    /// The Prometheus text of `/metrics`, asked with `key` when keys are configured.
+    pub async fn metrics(&self, key: Option<&str>) -> String {
+        let request = reqwest::Client::new().get(format!("{}/metrics", self.url));
+        let request = match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        let response = request.send().await.expect("the gateway answers");
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().await.expect("a text body")
+    }
+
     /// The gateway's process id, to watch its memory.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the gateway is running")

@@ -196,15 +196,7 @@ async fn keys_and_aws_secrets_never_reach_the_logs_or_the_metrics() {
         .text()
         .await
         .unwrap();
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", app.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics(Some(KEY)).await;
     assert!(
         metrics.contains(r#"key="team-a""#),
         "tokens are counted by key id: {metrics}"

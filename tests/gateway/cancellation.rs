@@ -22,25 +22,32 @@ pub async fn upstream_open(app: &App) {
     .expect("the upstream call started");
 }
 
+/// Posts `body` to `path`, leaves as soon as the upstream call has started, and checks that
+/// the upstream call ends within a second.
+pub async fn leaving_a_post_stops_the_upstream(app: &App, path: &str, body: serde_json::Value) {
+    let request = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("{}{path}", app.url))
+            .json(&body)
+            .send(),
+    );
+    upstream_open(app).await;
+    request.abort();
+    app.assert_upstream_closed_within_a_second().await;
+}
+
 #[tokio::test]
 async fn an_invoke_client_that_leaves_stops_the_upstream_call() {
     let app = TestApp::new()
         .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
         .spawn()
         .await;
-    let request = tokio::spawn({
-        let url = format!("{}/invoke", app.url);
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .json(&json!({"model": "llama3", "prompt": "take your time"}))
-                .send()
-                .await
-        }
-    });
-    upstream_open(&app).await;
-    request.abort();
-    app.assert_upstream_closed_within_a_second().await;
+    leaving_a_post_stops_the_upstream(
+        &app,
+        "/invoke",
+        json!({"model": "llama3", "prompt": "take your time"}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -69,7 +76,7 @@ async fn an_sse_client_that_leaves_while_the_model_is_silent_stops_the_upstream_
     assert_eq!(events.next().await.unwrap().data["text"], "thinking...");
     drop(events);
     app.assert_upstream_closed_within_a_second().await;
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     assert!(
         metrics.contains(r#"modelgate_cancellations_total{reason="client_gone"} 1"#),
         "{metrics}"

@@ -308,15 +308,7 @@ async fn with_redis_down_and_on_redis_error_allow_requests_are_served_logged_and
     for app in &apps {
         assert!(app.logs().contains("REDIS UNAVAILABLE"), "{}", app.logs());
     }
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", apps[0].url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = apps[0].metrics(Some(KEY)).await;
     assert!(
         metrics.contains(r#"modelgate_redis_errors_total{operation="admit"}"#),
         "{metrics}"

@@ -613,7 +613,7 @@ async fn a_tool_call_cut_by_an_exception_is_an_error_and_its_tokens_still_count(
         ask(&app, Transport::Invoke, &question).await,
         Err("429 throttled".into())
     );
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     let expected = r#"modelgate_tokens_total{model="claude",key="none",direction="output"} 6"#;
     assert!(
         metrics.contains(expected),

@@ -160,7 +160,7 @@ async fn a_client_that_stops_reading_is_dropped_while_others_stream_on() {
             .any(|end| matches!(end, StreamEnd::ClientClosed { .. })),
         "the slow client's upstream call was dropped: {ends:?}"
     );
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     assert!(
         metrics.contains(r#"modelgate_cancellations_total{reason="slow_client"} 1"#),
         "{metrics}"

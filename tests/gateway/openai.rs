@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::app::{App, CLAUDE_ID, LLAMA_ID, TestApp};
-use crate::cancellation::upstream_open;
+use crate::cancellation::leaving_a_post_stops_the_upstream;
 use crate::converse::{CLAUDE_37, base64, converse_registry, last_converse, unbase64};
 use crate::emulator::{NativeStop, Scenario};
 
@@ -403,7 +403,7 @@ async fn v1_models_lists_the_registry_in_openais_shape() {
     assert_eq!(one, list["data"][1]);
     let error = expect_openai_error(app.get("/v1/models/gpt-4o").await, 404, json!("model")).await;
     assert_eq!(error["code"], "model_not_found");
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     assert!(
         metrics.contains(
             r#"modelgate_requests_total{route="/v1/models/{model}",model="",status="404"} 1"#
@@ -439,19 +439,12 @@ async fn a_client_that_leaves_a_whole_completion_stops_the_upstream_call() {
         .scenario(LLAMA_ID, Scenario::Stall { pieces: vec![] })
         .spawn()
         .await;
-    let request = tokio::spawn({
-        let url = format!("{}/v1/chat/completions", app.url);
-        async move {
-            reqwest::Client::new()
-                .post(url)
-                .json(&json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}))
-                .send()
-                .await
-        }
-    });
-    upstream_open(&app).await;
-    request.abort();
-    app.assert_upstream_closed_within_a_second().await;
+    leaving_a_post_stops_the_upstream(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
 }
 
 /// OpenAI's form of the weather tool of the Converse tests.

@@ -58,7 +58,7 @@ async fn an_answer_that_fails_midway_still_counts_the_tokens_generated() {
         .await;
     let events = all_sse_events(app.get("/stream?model=llama3&prompt=hi").await).await;
     assert_eq!(events.last().unwrap().event, "error");
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     for expected in [
         r#"modelgate_tokens_total{model="llama3",key="none",direction="input"} 7"#,
         r#"modelgate_tokens_total{model="llama3",key="none",direction="output"} 2"#,
@@ -112,7 +112,7 @@ async fn the_access_log_names_an_unknown_model_and_the_metrics_do_not() {
         )
         .await;
     assert_eq!(response.status(), 404);
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     let logs = app.logs();
     let answered = logs
         .lines()

@@ -141,11 +141,7 @@ async fn a_dropped_sse_client_resumes_with_last_event_id_and_gets_every_event_on
         .wait_streams_ended(1, Duration::from_secs(5))
         .await;
     assert_eq!(ends, [StreamEnd::Completed]);
-    let metrics = get_as(&app.url, "/metrics", KEY_A, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics(Some(KEY_A)).await;
     assert!(
         metrics.contains(r#"modelgate_resumes_total{outcome="resumed"} 1"#),
         "{metrics}"
@@ -193,11 +189,7 @@ async fn a_stream_without_a_client_goes_on_for_the_window_then_is_cancelled_and_
         matches!(ends[0], StreamEnd::ClientClosed { .. }),
         "{ends:?}"
     );
-    let metrics = get_as(&app.url, "/metrics", KEY_A, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics(Some(KEY_A)).await;
     assert!(
         metrics.contains(r#"modelgate_cancellations_total{reason="client_gone"} 1"#),
         "{metrics}"

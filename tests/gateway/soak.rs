@@ -152,7 +152,7 @@ async fn hundreds_of_streams_with_stalls_and_departures_leave_nothing_behind() {
     }
     sampler.abort();
     let peak = peak.load(Ordering::Relaxed);
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics(None).await;
     for transport in ["sse", "ws"] {
         let gauge = format!(r#"modelgate_active_streams{{transport="{transport}"}} 0"#);
         assert!(
